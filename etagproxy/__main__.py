@@ -1,0 +1,3 @@
+from etagproxy.cli import main
+
+raise SystemExit(main())
