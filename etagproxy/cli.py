@@ -1,0 +1,162 @@
+"""Command line: `etagproxy run | check-config | demo | inspect`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from etagproxy import __version__
+from etagproxy.config import Config, ConfigError, dump_effective, load_config
+
+log = logging.getLogger("etagproxy")
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _setup_logging(fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(
+            logging.Formatter('{"time":"%(asctime)s","level":"%(levelname)s","msg":%(message)r}')
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("etagproxy")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+async def serve(config: Config, *, access_log: bool = True, ready: asyncio.Event | None = None) -> int:
+    """Run one proxy until SIGINT/SIGTERM, then drain and return 0."""
+    from etagproxy.app import ProxyServer, stdout_access_log
+
+    server = ProxyServer(config, access_log=stdout_access_log if access_log else None)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except OSError as exc:
+        print(f"etagproxy: cannot listen on {config.listen[0]}:{config.listen[1]}: {exc}", file=sys.stderr)
+        await server.stop()
+        return 1
+    log.info(
+        "listening on %s:%d (store %s, %d routes)",
+        config.listen[0], server.port, config.store.masked_url, len(config.routes),
+    )
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("stopping: draining in-flight requests (budget %.1fs)", config.timeouts.shutdown)
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return None
+    except OSError as exc:
+        print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 2
+    if args.workers > 1 and config.store.kind == "memory":
+        print(
+            "etagproxy: --workers > 1 needs a shared store: memory:// keeps versions inside one "
+            "process, so workers would hand out conflicting ETags. Use a redis:// store or one worker.",
+            file=sys.stderr,
+        )
+        return 2
+    _setup_logging(args.log_format)
+    import json
+
+    log.info("effective config: %s", json.dumps(dump_effective(config), separators=(",", ":")))
+    _install_uvloop()
+    if args.workers > 1:
+        from etagproxy.workers import supervise
+
+        return supervise(config, args)
+    return asyncio.run(serve(config, access_log=not args.no_access_log))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    if config is None:
+        return 2
+    print(f"{args.file}: OK ({len(config.routes)} routes, store {config.store.masked_url})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from etagproxy.demo import run_demo
+
+    return asyncio.run(run_demo(serve_forever=args.serve))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 2
+    from etagproxy.inspect import inspect_url
+
+    return asyncio.run(inspect_url(config, args.url))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="etagproxy",
+        description="Reverse proxy that gives an unmodified HTTP API strong ETags and "
+        "RFC 9110 conditional requests.",
+    )
+    parser.add_argument("--version", action="version", version=f"etagproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="serve until SIGTERM/SIGINT")
+    run.add_argument("--config", required=True, help="YAML config file")
+    run.add_argument("--workers", type=int, default=1, help="processes sharing the port (needs redis)")
+    run.add_argument("--log-format", choices=("json", "text"), default="json")
+    run.add_argument("--no-access-log", action="store_true", help="do not print a line per request")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check)
+
+    demo = sub.add_parser("demo", help="play the lost-update story against a toy API")
+    demo.add_argument("--serve", action="store_true", help="keep the toy API and proxy running")
+    demo.set_defaults(func=cmd_demo)
+
+    insp = sub.add_parser("inspect", help="show the key, token and state for a URL")
+    insp.add_argument("--config", required=True)
+    insp.add_argument("url")
+    insp.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
