@@ -56,6 +56,7 @@ log = logging.getLogger("etagproxy")
 READ_METHODS = frozenset({"GET", "HEAD"})
 UNTRACKED_METHODS = frozenset({"OPTIONS", "TRACE", "CONNECT"})
 CHUNK = 1 << 16
+DRAIN_LIMIT = 1 << 16  # bodies up to this size are read to keep a connection
 
 # RFC 9110 §15.4.5: a 304 carries these fields when a 200 would have.
 NOT_MODIFIED_FIELDS = ("Cache-Control", "Content-Location", "Date", "Expires", "Vary")
@@ -278,14 +279,15 @@ class Proxy:
         headers: CIMultiDict[str],
         *,
         body: bytes | None = None,
+        more: bool = False,
     ) -> web.StreamResponse:
-        """Send the upstream's status, `headers` and body (streamed unless
-        already read into `body`)."""
+        """Send the upstream's status, `headers` and body: streamed, or
+        `body` if it was read already (`more`: only its start was read)."""
         status = up.status  # type: ignore[attr-defined]
         resp = web.StreamResponse(status=status, reason=up.reason, headers=headers)  # type: ignore[attr-defined]
         length = up.headers.get("Content-Length")  # type: ignore[attr-defined]
         no_body = request.method == "HEAD" or status in (204, 304) or status < 200
-        if body is not None:
+        if body is not None and not more:
             resp.content_length = len(body)
         elif length is not None and length.isdigit():
             resp.content_length = int(length)
@@ -296,12 +298,11 @@ class Proxy:
             await resp.write_eof()
             return resp
         try:
-            if body is not None:
-                if request.method != "HEAD":
-                    await resp.write(body)
-                    ex.bytes_out += len(body)
-            else:
-                async for chunk in up.content.iter_chunked(CHUNK):  # type: ignore[attr-defined]
+            if body is not None and request.method != "HEAD":
+                await resp.write(body)
+                ex.bytes_out += len(body)
+            if body is None or more:
+                async for chunk in up.iter_chunks():  # type: ignore[attr-defined]
                     await resp.write(chunk)
                     ex.bytes_out += len(chunk)
             await resp.write_eof()
@@ -403,11 +404,13 @@ class Proxy:
                     return await self._relay(request, ex, up, out)
                 version: Version | None = obs.version
                 body: bytes | None = None
+                more = False
                 if cfg.fingerprint and request.method == "GET":
-                    body, version = await self._fingerprint(ex, match, up, version)
+                    body, complete, version = await self._fingerprint(ex, match, up, version)
+                    more = not complete
                     if version is None:
                         ex.decision = "moved"
-                        return await self._relay(request, ex, up, out, body=body)
+                        return await self._relay(request, ex, up, out, body=body, more=more)
                 assert version is not None
                 if not version.exists:
                     try:
@@ -421,6 +424,10 @@ class Proxy:
                 decision = evaluate(
                     request.method, cond, Representation(version.token, tag, last_modified)
                 )
+                if decision is not Decision.PROCEED and body is None and request.method == "GET":
+                    # The body is not sent; reading a small one to its end
+                    # keeps the upstream connection reusable.
+                    await up.read(DRAIN_LIMIT)  # type: ignore[attr-defined]
                 if decision is Decision.NOT_MODIFIED:
                     ex.decision = "not_modified"
                     self.metrics.preconditions.labels(ex.route, "not_modified").inc()
@@ -436,7 +443,7 @@ class Proxy:
                 out["ETag"] = str(tag)
                 if last_modified is not None:
                     out["Last-Modified"] = format_http_date(last_modified)
-                return await self._relay(request, ex, up, out, body=body)
+                return await self._relay(request, ex, up, out, body=body, more=more)
         except UpstreamError as exc:
             return self._upstream_failed(ex, exc)
 
@@ -484,27 +491,27 @@ class Proxy:
 
     async def _fingerprint(
         self, ex: Exchange, match: Match, up: object, version: Version
-    ) -> tuple[bytes | None, Version | None]:
-        """Hash a bounded body; a changed hash means a write bypassed us."""
+    ) -> tuple[bytes | None, bool, Version | None]:
+        """Hash a bounded body; a changed hash means a write bypassed us.
+
+        Returns what was read of the body, whether that is all of it (a
+        larger body is not fingerprinted and streams on), and the version.
+        """
         limit = self.config.limits.fingerprint_max
         length = up.headers.get("Content-Length")  # type: ignore[attr-defined]
         if length is not None and length.isdigit() and int(length) > limit:
-            return None, version
-        try:
-            body = await up.content.read(limit + 1)  # type: ignore[attr-defined]
-            if len(body) > limit or not up.content.at_eof():  # type: ignore[attr-defined]
-                rest = await up.read()  # type: ignore[attr-defined]
-                return body + rest, version
-        except body_errors() as exc:
-            raise map_body_error(exc) from exc
+            return None, False, version
+        body, complete = await up.read(limit)  # type: ignore[attr-defined]
+        if not complete or len(body) > limit:
+            return body, False, version
         digest = hashlib.blake2b(body, digest_size=16).hexdigest()
         try:
             moved = await self._timed_store(ex, "fingerprint", self.store.fingerprint(match.key, version.token, digest))
         except StoreError:
-            return body, None
+            return body, True, None
         if moved is not None and moved.token != version.token:  # type: ignore[attr-defined]
             self._minted(Cause.FINGERPRINT)
-        return body, moved  # type: ignore[return-value]
+        return body, True, moved  # type: ignore[return-value]
 
     async def _record_reader(self, key: str, reader: str, cfg: RouteConfig) -> None:
         try:
@@ -700,7 +707,7 @@ class Proxy:
                 idem = self._idempotency_key(request) if cfg.replay_ttl > 0 else None
                 if outcome is Outcome.SUCCESS and idem is not None and request.method != "HEAD":
                     try:
-                        resp_body = await up.read()
+                        resp_body, _ = await up.read()
                     except body_errors() as exc:
                         # 2xx headers arrived: the change was applied.
                         resp_body = None

@@ -1,10 +1,26 @@
-"""The upstream HTTP client: one pooled aiohttp ClientSession per process.
+"""The upstream HTTP/1.1 client: a small keep-alive pool on asyncio protocols.
 
-The session is configured not to rewrite what it relays: no automatic
-decompression, no cookie jar, no added User-Agent/Accept/Accept-Encoding,
-and URLs are built pre-encoded so the canonical target goes out unchanged.
+Why not aiohttp's ClientSession: on the proxy's hot path it costs roughly
+two thirds of the per-request CPU (measured; see docs/PERFORMANCE.md), most
+of it in features a proxy must switch off anyway (cookie jar, redirects,
+decompression, URL re-quoting, auto headers). This client does only what a
+reverse proxy needs, with httptools (llhttp) parsing responses:
 
-Errors are translated here, at one boundary, most specific first::
+- requests go out exactly as given: the canonical target is not re-quoted,
+  headers keep their order and spelling, bodies are framed afresh
+  (Content-Length for a buffered body, the client's Content-Length or
+  chunked encoding for a streamed one);
+- responses stream with flow control (reading pauses while the consumer
+  is behind); HEAD, 1xx interim responses, chunked and read-until-close
+  bodies are handled;
+- idle connections are reused LIFO; one found dead is discarded before use.
+  A request that failed on a reused connection before any response byte
+  arrived is retried once on a fresh connection, but only when it is
+  idempotent and its body is replayable: everything else may have reached
+  the upstream and is reported as such (`sent = True`);
+- one deadline per exchange (connect + send + response, body included).
+
+Errors, translated here at one boundary::
 
     UpstreamError                 502 unless said otherwise
     ├── UpstreamUnreachable       connect failed: the request was never sent
@@ -15,12 +31,25 @@ Errors are translated here, at one boundary, most specific first::
 from __future__ import annotations
 
 import asyncio
+import collections
+import socket
+import ssl
+import time
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
-import aiohttp
-from multidict import CIMultiDict
-from yarl import URL
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# PUT and DELETE are idempotent by definition (RFC 9110 §9.2.2) but a retry
+# of a write would still be a second write as far as the version store is
+# concerned; only reads are retried.
+RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+HIGH_WATER = 1 << 18  # pause reading from the upstream above this many buffered bytes
+IDLE_TTL = 30.0  # seconds an idle pooled connection is trusted
 
 
 class UpstreamError(Exception):
@@ -44,93 +73,479 @@ class UpstreamBroken(UpstreamError):
     kind = "upstream-broken"
 
 
+class _Stale(Exception):
+    """A reused connection died before any byte of the response arrived."""
+
+
+class Origin:
+    """scheme://host:port plus an optional path prefix, parsed once."""
+
+    __slots__ = ("scheme", "host", "port", "prefix", "host_header", "ssl")
+
+    def __init__(self, base: str) -> None:
+        parts = urlsplit(base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"upstream must be an http(s) URL, got {base!r}")
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.prefix = parts.path.rstrip("/")
+        default = 443 if parts.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = host if self.port == default else f"{host}:{self.port}"
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
+
+    def __repr__(self) -> str:
+        return f"{self.scheme}://{self.host_header}{self.prefix}"
+
+
+class UpstreamResponse:
+    """Status and headers of an upstream response; the body streams."""
+
+    __slots__ = ("status", "reason", "raw_headers", "_headers", "_conn", "_head")
+
+    def __init__(self, conn: _Connection, head: bool) -> None:
+        self.status = conn.status
+        self.reason = conn.reason
+        self.raw_headers: list[tuple[bytes, bytes]] = conn.raw_headers
+        self._headers: CIMultiDictProxy[str] | None = None
+        self._conn = conn
+        self._head = head
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        if self._headers is None:
+            md: CIMultiDict[str] = CIMultiDict(
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw_headers
+            )
+            self._headers = CIMultiDictProxy(md)
+        return self._headers
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives."""
+        conn = self._conn
+        while True:
+            chunk = await conn.read_chunk()
+            if not chunk:
+                return
+            yield chunk
+
+    async def read(self, limit: int | None = None) -> tuple[bytes, bool]:
+        """Up to `limit` bytes of body (all if None) and whether that was all
+        of it. With a limit, at most one chunk past it may be returned."""
+        parts: list[bytes] = []
+        size = 0
+        while limit is None or size <= limit:
+            chunk = await self._conn.read_chunk()
+            if not chunk:
+                return b"".join(parts), True
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts), False
+
+    @property
+    def complete(self) -> bool:
+        return self._conn.message_complete and not self._conn.body
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to an upstream origin."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+        self._parser: httptools.HttpResponseParser | None = None
+        self._head = False
+        self._framed = False
+        self._got_bytes = False
+        self.status = 0
+        self.reason = ""
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.body: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._paused = False
+        self.headers_complete = False
+        self.message_complete = False
+        self.keep_alive = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._write_paused = False
+
+    # -- asyncio.Protocol ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            # Bytes nobody asked for: the connection is out of sync.
+            self._fail(UpstreamBroken("unexpected data from upstream"))
+            return
+        self._got_bytes = True
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamBroken("upstream switched protocols"))
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamBroken(f"malformed upstream response: {exc}"))
+
+    def eof_received(self) -> bool:
+        if self.headers_complete and not self.message_complete and not self._framed:
+            # Body delimited by the connection closing (RFC 9112 §6.3 rule 8).
+            self.keep_alive = False
+            self.message_complete = True
+            self._wake()
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        if self._parser is not None and not self.message_complete:
+            if not self._got_bytes and self.reused:
+                self._fail(_Stale())
+            else:
+                self._fail(UpstreamBroken("upstream closed the connection mid-response"))
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(self._error or UpstreamBroken("upstream closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # -- httptools callbacks ---------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.reason = status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        assert self._parser is not None
+        code = self._parser.get_status_code()
+        if 100 <= code < 200 and code != 101:
+            # Interim response (100 Continue, 103 Early Hints): wait for the final one.
+            self.raw_headers = []
+            return
+        self.status = code
+        self.headers_complete = True
+        for name, value in self.raw_headers:
+            low = name.lower()
+            if low == b"content-length" or (low == b"transfer-encoding" and b"chunked" in value.lower()):
+                self._framed = True
+        if self._head or code in (204, 304):
+            self._framed = True
+        self.keep_alive = self._parser.should_keep_alive()
+        if self._head:
+            # llhttp cannot be told the request was HEAD: the response has
+            # no body whatever its headers say (RFC 9110 §9.3.2).
+            self.message_complete = True
+            self._parser = None
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if not self.headers_complete:
+            return  # end of an interim 1xx message
+        assert self._parser is not None
+        self.keep_alive = self._parser.should_keep_alive()
+        self.message_complete = True
+        self._wake()
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def _wait(self) -> None:
+        if self._error is not None:
+            raise self._error
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def begin(self, head: bool) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._head = head
+        self._framed = False
+        self._got_bytes = False
+        self.status = 0
+        self.reason = ""
+        self.raw_headers = []
+        self.body.clear()
+        self._buffered = 0
+        self.headers_complete = False
+        self.message_complete = False
+        self.keep_alive = False
+        self._error = None
+
+    async def write(self, data: bytes) -> None:
+        if self.closed or self.transport is None:
+            raise self._error or UpstreamBroken("upstream closed the connection")
+        self.transport.write(data)
+        if self._write_paused:
+            self._drain = self.loop.create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+
+    async def headers(self) -> None:
+        while not self.headers_complete:
+            if self._error is not None:
+                raise self._error
+            if self.closed:
+                raise UpstreamBroken("upstream closed the connection")
+            await self._wait()
+
+    async def read_chunk(self) -> bytes:
+        while True:
+            if self.body:
+                chunk = self.body.popleft()
+                self._buffered -= len(chunk)
+                if self._paused and self._buffered <= HIGH_WATER // 2 and self.transport is not None:
+                    self._paused = False
+                    self.transport.resume_reading()
+                return chunk
+            if self.message_complete:
+                return b""
+            if self._error is not None:
+                raise self._error
+            if self.closed:
+                raise UpstreamBroken("upstream closed the connection mid-body")
+            await self._wait()
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            self.message_complete
+            and self.keep_alive
+            and not self.body
+            and not self.closed
+            and self._error is None
+        )
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _frame_head(method: str, target: str, headers: CIMultiDict[str], host: str) -> list[str]:
+    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    if "Host" not in headers:
+        lines.append(f"Host: {host}\r\n")
+    for name, value in headers.items():
+        lines.append(f"{name}: {value}\r\n")
+    return lines
+
+
 class Upstream:
-    """Sends requests to upstream origins through one connection pool."""
+    """Keep-alive connection pools, one per origin."""
 
-    def __init__(self, *, connect_timeout: float, limit: int = 0) -> None:
+    def __init__(self, *, connect_timeout: float, max_idle: int = 512) -> None:
         self._connect_timeout = connect_timeout
-        connector = aiohttp.TCPConnector(
-            limit=limit,  # 0: unbounded; in-flight limits are enforced by the server side
-            limit_per_host=0,
-            ttl_dns_cache=10,
-            enable_cleanup_closed=False,
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            raise_for_status=False,
-            # The proxy relays whatever framing/headers the upstream sends,
-            # up to aiohttp's parser limits.
-            read_bufsize=2**16,
-        )
-        self._bases: dict[str, URL] = {}
+        self._max_idle = max_idle
+        self._origins: dict[str, Origin] = {}
+        self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
+        self._closed = False
 
-    def url(self, base: str, target: str) -> URL:
-        """`base` (scheme://host:port[/prefix]) + the canonical target, not re-quoted."""
-        root = self._bases.get(base)
-        if root is None:
-            root = self._bases[base] = URL(base.rstrip("/"))
-        return URL(str(root) + target, encoded=True)
+    def origin(self, base: str) -> Origin:
+        found = self._origins.get(base)
+        if found is None:
+            found = self._origins[base] = Origin(base)
+        return found
+
+    def url(self, base: str, target: str) -> tuple[Origin, str]:
+        """Where to send `target` (already canonical; never re-quoted)."""
+        origin = self.origin(base)
+        return origin, origin.prefix + target
+
+    async def _connect(self, origin: Origin, deadline: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        timeout = min(self._connect_timeout, max(deadline - loop.time(), 0))
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop), origin.host, origin.port, ssl=origin.ssl,
+                    server_hostname=origin.host if origin.ssl else None,
+                )
+        except TimeoutError as exc:
+            if loop.time() >= deadline:
+                raise UpstreamTimeout("connecting to the upstream took too long") from exc
+            raise UpstreamUnreachable(f"connect to {origin!r} timed out") from exc
+        except OSError as exc:
+            raise UpstreamUnreachable(f"cannot connect to {origin!r}: {exc.strerror or exc}") from exc
+        return conn
+
+    def _checkout(self, origin: Origin) -> _Connection | None:
+        pool = self._idle.get((origin.host, origin.port, origin.ssl is not None))
+        now = time.monotonic()
+        while pool:
+            conn = pool.pop()
+            if not conn.closed and now - conn.idle_since < IDLE_TTL:
+                return conn
+            conn.close()
+        return None
+
+    def _release(self, origin: Origin, conn: _Connection) -> None:
+        if self._closed or not conn.reusable:
+            conn.close()
+            return
+        pool = self._idle.setdefault((origin.host, origin.port, origin.ssl is not None), [])
+        if len(pool) >= self._max_idle:
+            conn.close()
+            return
+        conn._parser = None
+        conn.reused = True
+        conn.idle_since = time.monotonic()
+        pool.append(conn)
+
+    async def _send(
+        self,
+        conn: _Connection,
+        method: str,
+        target: str,
+        origin: Origin,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterable[bytes] | None,
+    ) -> None:
+        conn.begin(method == "HEAD")
+        head = _frame_head(method, target, headers, origin.host_header)
+        if body is None or isinstance(body, bytes):
+            if body or method not in ("GET", "HEAD", "OPTIONS", "TRACE", "DELETE", "CONNECT"):
+                head.append(f"Content-Length: {len(body or b'')}\r\n")
+            head.append("\r\n")
+            await conn.write("".join(head).encode("latin-1") + (body or b""))
+            return
+        chunked = "Content-Length" not in headers
+        if chunked:
+            head.append("Transfer-Encoding: chunked\r\n")
+        head.append("\r\n")
+        await conn.write("".join(head).encode("latin-1"))
+        async for chunk in body:
+            if not chunk:
+                continue
+            if chunked:
+                await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            else:
+                await conn.write(chunk)
+        if chunked:
+            await conn.write(b"0\r\n\r\n")
 
     @asynccontextmanager
     async def request(
         self,
         method: str,
-        url: URL,
+        url: tuple[Origin, str],
         headers: CIMultiDict[str],
         body: bytes | AsyncIterable[bytes] | None,
         *,
         timeout: float,
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send one request and yield its response (headers read, body not).
+    ) -> AsyncIterator[UpstreamResponse]:
+        """Send one request; yield its response once the headers are in.
 
-        `timeout` bounds the whole exchange, body included. The response is
-        released when the context exits.
+        `timeout` bounds the whole exchange, body included: when it passes
+        the connection is aborted and the reader gets UpstreamTimeout.
         """
-        client_timeout = aiohttp.ClientTimeout(
-            total=timeout, connect=self._connect_timeout, sock_connect=self._connect_timeout
-        )
+        origin, target = url
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        replayable = method in RETRYABLE and (body is None or isinstance(body, bytes))
+        conn: _Connection | None = None
+        timer: asyncio.TimerHandle | None = None
         try:
-            resp = await self.session.request(
-                method,
-                url,
-                headers=headers,
-                data=body,
-                timeout=client_timeout,
-                allow_redirects=False,
-                compress=None,
-                auto_decompress=False,
-            )
-        except (aiohttp.ClientConnectorError, aiohttp.ClientProxyConnectionError) as exc:
-            raise UpstreamUnreachable(str(exc)) from exc
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout("upstream did not answer in time") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamBroken(str(exc) or type(exc).__name__) from exc
-        try:
-            yield resp
+            for attempt in (0, 1):
+                conn = self._checkout(origin) if attempt == 0 else None
+                if conn is None:
+                    conn = await self._connect(origin, deadline)
+                if timer is not None:
+                    timer.cancel()
+                timer = loop.call_at(deadline, conn._fail, UpstreamTimeout("upstream did not answer in time"))
+                try:
+                    await self._send(conn, method, target, origin, headers, body)
+                    await conn.headers()
+                    break
+                except _Stale:
+                    conn.close()
+                    if attempt == 0 and replayable:
+                        continue
+                    raise UpstreamBroken("upstream closed a kept-alive connection") from None
+                except UpstreamBroken:
+                    if conn.reused and not conn._got_bytes and attempt == 0 and replayable:
+                        conn.close()
+                        continue
+                    raise
+            assert conn is not None
+            yield UpstreamResponse(conn, method == "HEAD")
+        except UpstreamError:
+            if conn is not None:
+                conn.close()
+            raise
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        else:
+            self._release(origin, conn)  # type: ignore[arg-type]
         finally:
-            resp.release()
+            if timer is not None:
+                timer.cancel()
 
     async def close(self) -> None:
-        await self.session.close()
+        self._closed = True
+        for pool in self._idle.values():
+            for conn in pool:
+                conn.close()
+        self._idle.clear()
 
 
 def body_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the upstream body broke mid-stream."""
-    return (aiohttp.ClientError, asyncio.TimeoutError)
+    return (UpstreamError,)
 
 
 def map_body_error(exc: BaseException) -> UpstreamError:
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return UpstreamTimeout("upstream body did not arrive in time")
+    if isinstance(exc, UpstreamError):
+        return exc
     return UpstreamBroken(str(exc) or type(exc).__name__)
 
 
 __all__ = [
+    "Origin",
     "Upstream",
+    "UpstreamResponse",
     "UpstreamError",
     "UpstreamUnreachable",
     "UpstreamTimeout",
