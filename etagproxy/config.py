@@ -140,9 +140,11 @@ class StoreConfig:
     token_ttl: float = 7 * 86400.0
     """Idle lifetime of a committed version; an expired key mints a new token."""
     min_replicas: int = 0
-    """Replicas that must acknowledge each commit (Redis WAIT); 0 = do not wait."""
+    """Replicas that must acknowledge each write's lease (Redis WAIT after
+    BEGIN) before the write is forwarded; if fewer do, the write gets 503.
+    0 = do not wait."""
     min_replicas_timeout: float = 0.1
-    """How long WAIT may take before the commit counts as not replicated."""
+    """How long WAIT may take before the lease counts as not replicated."""
 
     @property
     def masked_url(self) -> str:
@@ -203,6 +205,10 @@ class RouteConfig:
     """Everyone gets the same representation: short-circuit without a credential check."""
     allow_upgrade: bool = False
     """Let Upgrade (WebSocket) requests through this route."""
+    authorize: str = "none"
+    """"none", or "upstream": before answering 412 the proxy asks the upstream
+    (HEAD, or GET, with the caller's credentials) and relays a non-2xx, so
+    authorisation failures come before precondition failures (RFC 9110 §13.2.1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -904,6 +910,7 @@ _TRACK_ONLY: Final = frozenset(
         "on_store_error",
         "etag_in_412",
         "public",
+        "authorize",
     }
 )
 _SCALAR_ROUTE_PARSERS: Final[dict[str, Callable[[object], Any]]] = {
@@ -921,6 +928,7 @@ _SCALAR_ROUTE_PARSERS: Final[dict[str, Callable[[object], Any]]] = {
     "etag_in_412": _parse_bool,
     "public": _parse_bool,
     "allow_upgrade": _parse_bool,
+    "authorize": _choice("none", "upstream"),
 }
 _ROUTE_KEYS: Final = tuple(f.name for f in dataclasses.fields(RouteConfig) if f.name != "line")
 assert set(_ROUTE_KEYS) == {

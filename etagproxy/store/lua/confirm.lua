@@ -1,0 +1,12 @@
+-- CONFIRM: a 2xx read showed that the resource exists; mark its version so
+-- (If-Match needs an existing representation, RFC 9110 §13.1.1).
+-- KEYS[1]  resource key
+-- ARGV[1]  token the read was served under
+-- Returns 1 if the version was marked, else 0.
+local now, rid = now_ms(), run_id()
+local key = KEYS[1]
+local r = read_key(key)
+if not current(r, rid) or r.t ~= ARGV[1] or r.x == '1' then return 0 end
+if r.s == 'p' and tonumber(r.l) <= now then return 0 end
+redis.call('HSET', key, 'x', '1')
+return 1

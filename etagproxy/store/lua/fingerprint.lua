@@ -1,0 +1,17 @@
+-- FINGERPRINT: compare a read's body digest with the last one recorded for
+-- the version the read was served under; a change means a write bypassed
+-- the proxy, so mint.
+-- KEYS[1]  resource key
+-- ARGV[1]  token the read was served under      ARGV[2]  body digest
+-- ARGV[3]  fresh token        ARGV[4]  committed-version TTL, ms
+-- Returns {token, minted_ms, exists, epoch} to send, or nil if the key
+-- moved on (other token, pending, absent, other epoch).
+local now, rid = now_ms(), run_id()
+local key = KEYS[1]
+local r = read_key(key)
+if r.s ~= 'c' or r.e ~= rid or r.t ~= ARGV[1] then return nil end
+if r.d and r.d ~= ARGV[2] then
+  r = commit(key, rid, ARGV[3], now, '1', ARGV[4])
+end
+redis.call('HSET', key, 'd', ARGV[2])
+return {r.t, r.m, r.x, r.e}

@@ -1,0 +1,433 @@
+"""The Redis version store: `redis://`, `rediss://`, `redis+sentinel://`,
+`redis+cluster://`.
+
+Every operation on a resource is one Lua script (`lua/*.lua`, each headed by
+what its KEYS, ARGV and reply mean) run on the one cluster slot that holds
+the resource, so replicas of the proxy sharing one Redis see one history.
+
+Keys: `<prefix>{<key>}` is the resource (a hash: committed version, or
+pending write over it, see `lua/prelude.lua`); `<prefix>{<key>}:r:<reader>`
+and `<prefix>{<key>}:i:<idem>` are its reader and replay records. The resource
+key goes inside the hash tag with `%`, `{` and `}` percent-escaped, so no key
+can end the tag early or leave it empty, and all three keys share a slot.
+
+Time and epoch come from the server inside each script (`TIME`, and the
+`run_id` of `INFO server`): proxies with skewed clocks agree on deadlines,
+and a version restored from a snapshot or a lagging replica carries another
+run_id, so it is treated as absent and re-minted (DESIGN §2, "Redis epoch").
+
+Errors::
+
+    StoreError   any redis-py error or a call exceeding `timeout_s`,
+                 translated in `RedisStore._guard`, cause chained
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+
+from etagproxy.store.base import (
+    BeginResult,
+    BeginStatus,
+    Cause,
+    EndResult,
+    KeyInfo,
+    Observation,
+    Outcome,
+    Replay,
+    StoreError,
+    Version,
+    WriteCondition,
+    new_token,
+)
+
+if TYPE_CHECKING:
+    from etagproxy.config import StoreConfig
+
+WEEK_MS = 7 * 86_400_000
+
+RedisClient = Redis | RedisCluster
+
+
+def _lua(name: str) -> str:
+    return resources.files(__package__).joinpath("lua", name).read_text("utf-8")
+
+
+_PRELUDE = _lua("prelude.lua")
+OBSERVE = _PRELUDE + _lua("observe.lua")
+BEGIN = _PRELUDE + _lua("begin.lua")
+END = _PRELUDE + _lua("end.lua")
+INVALIDATE = _PRELUDE + _lua("invalidate.lua")
+FINGERPRINT = _PRELUDE + _lua("fingerprint.lua")
+CONFIRM = _PRELUDE + _lua("confirm.lua")
+PUT_REPLAY = _lua("put_replay.lua")
+INSPECT = _PRELUDE + _lua("inspect.lua")
+
+# Waiting behind another write: poll BEGIN with exponential backoff. END in
+# this process wakes local waiters at once; waiters in other processes notice
+# within _POLL_CAP_S (pub/sub would save those milliseconds on a path that is
+# already contended, for a subscriber connection per shard to keep alive).
+_POLL_FIRST_S = 0.001
+_POLL_CAP_S = 0.020
+
+
+def redis_key(prefix: str, key: str) -> str:
+    """The Redis key of resource `key`: the key, escaped, as the hash tag."""
+    tag = key.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+    # "%00" is no escape's output, so the empty key cannot collide; an empty
+    # tag would make Redis hash the whole name and split the resource's keys.
+    return f"{prefix}{{{tag or '%00'}}}"
+
+
+def _version(token: bytes, minted: bytes | int, exists: bytes | int, epoch: bytes) -> Version:
+    return Version(token.decode(), int(minted), int(exists) == 1, epoch.decode())
+
+
+def _condition_args(cond: WriteCondition) -> tuple[list[str | int], list[str]]:
+    """BEGIN's ARGV[6..9] and the token lists for `cond` (layout in lua/begin.lua)."""
+
+    def kind(tokens: tuple[str, ...] | None) -> str:
+        if tokens is None:
+            return ""
+        return "*" if tokens == ("*",) else "L"
+
+    def listed(tokens: tuple[str, ...] | None) -> tuple[str, ...]:
+        return () if tokens is None or tokens == ("*",) else tokens
+
+    im, inm = listed(cond.if_match), listed(cond.if_none_match)
+    # Lua reads If-Unmodified-Since as a double: exact below 2**53, and a
+    # value beyond that is nowhere near a mint time, so rounding cannot flip
+    # the comparison.
+    ius = "" if cond.if_unmodified_since is None else cond.if_unmodified_since
+    return [kind(cond.if_match), ius, kind(cond.if_none_match), len(im)], [*im, *inm]
+
+
+class _Wakeups:
+    """Wakes BEGIN waiters of this process when END releases their key here."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, tuple[asyncio.Event, list[int]]] = {}
+
+    async def wait(self, key: str, timeout_s: float) -> None:
+        event, waiters = self._events.setdefault(key, (asyncio.Event(), [0]))
+        waiters[0] += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await event.wait()
+        finally:
+            waiters[0] -= 1
+            if not waiters[0] and self._events.get(key, (None,))[0] is event:
+                del self._events[key]
+
+    def notify(self, key: str) -> None:
+        item = self._events.pop(key, None)
+        if item is not None:
+            item[0].set()
+
+
+class RedisStore:
+    """A `VersionStore` in Redis, shared by every proxy process that uses it.
+
+    The store owns `client` and closes it in `close()`. Every call is bounded
+    by `timeout_s` (BEGIN by that per round trip, plus `wait_ms` in total).
+    With `min_replicas`, a BEGIN is only granted once that many replicas
+    acknowledged the lease (`WAIT`), so a failover cannot forget it.
+    """
+
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        prefix: str = "etagproxy:",
+        token_ttl_ms: int = WEEK_MS,
+        timeout_s: float = 0.2,
+        min_replicas: int = 0,
+        min_replicas_timeout_ms: int = 100,
+        closing: Sequence[Redis] = (),
+    ) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"store prefix {prefix!r} must not contain '{{' or '}}' (hash tags)")
+        self.epoch = ""
+        """run_id of the server that answered the last OBSERVE or BEGIN."""
+        self._restarted = ""
+        """An epoch this process saw replace an older one: BEGIN is fenced
+        there until one lease has passed since that server started."""
+        self._client = client
+        self._cluster = client if isinstance(client, RedisCluster) else None
+        self._closing = tuple(closing)
+        self._prefix = prefix
+        self._ttl_ms = token_ttl_ms
+        self._timeout_s = timeout_s
+        self._min_replicas = min_replicas
+        self._min_replicas_timeout_ms = min_replicas_timeout_ms
+        self._wakeups = _Wakeups()
+        register = client.register_script
+        self._observe = register(OBSERVE)
+        self._begin = register(BEGIN)
+        self._end = register(END)
+        self._invalidate = register(INVALIDATE)
+        self._fingerprint = register(FINGERPRINT)
+        self._confirm = register(CONFIRM)
+        self._put_replay = register(PUT_REPLAY)
+        self._inspect = register(INSPECT)
+
+    @classmethod
+    def from_config(cls, cfg: StoreConfig, *, timeout_s: float) -> RedisStore:
+        """Connect as `cfg` says (kind: redis | sentinel | cluster)."""
+        common: dict[str, Any] = {
+            "username": cfg.username,
+            "password": cfg.password,
+            "socket_connect_timeout": timeout_s,
+            # One immediate retry on a fresh connection hides pooled
+            # connections that died with a restarted server. Repeating a
+            # script whose reply was lost is harmless: BEGIN recognises its
+            # own call, a repeated END reports the lease lost (no ETag), the
+            # others at worst mint once more.
+            "retry": Retry(NoBackoff(), 1),
+        }
+        if cfg.tls:
+            common["ssl"] = True
+        closing: list[Redis] = []
+        client: RedisClient
+        if cfg.kind == "cluster":
+            nodes = [ClusterNode(host, port) for host, port in cfg.hosts]
+            client = RedisCluster(startup_nodes=nodes, **common)
+        elif cfg.kind == "sentinel":
+            if not cfg.service_name:
+                raise ValueError("a sentinel store needs the master's service name")
+            sentinel_kwargs = {"socket_connect_timeout": timeout_s, "ssl": cfg.tls}
+            sentinel = Sentinel(  # type: ignore[no-untyped-call]  # unannotated in redis-py
+                list(cfg.hosts), sentinel_kwargs=sentinel_kwargs, db=cfg.db, **common
+            )
+            client = sentinel.master_for(cfg.service_name)
+            closing = list(sentinel.sentinels)
+        else:
+            host, port = cfg.hosts[0]
+            client = Redis(host=host, port=port, db=cfg.db, **common)
+        return cls(
+            client,
+            prefix=cfg.prefix,
+            token_ttl_ms=int(cfg.token_ttl * 1000),
+            timeout_s=timeout_s,
+            min_replicas=cfg.min_replicas,
+            min_replicas_timeout_ms=int(cfg.min_replicas_timeout * 1000),
+            closing=closing,
+        )
+
+    # -- plumbing ------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, op: str, extra_s: float = 0.0) -> AsyncIterator[None]:
+        """Bound one round trip and translate every failure to StoreError."""
+        try:
+            async with asyncio.timeout(self._timeout_s + extra_s):
+                if self._cluster is not None:
+                    # redis-py's cluster client can break connections when
+                    # its first commands run concurrently (AttributeError on
+                    # a closed writer, redis-py 8.1); connecting before any
+                    # command goes out avoids it. A no-op once connected.
+                    await self._cluster.initialize()
+                yield
+        except TimeoutError as exc:
+            ms = round((self._timeout_s + extra_s) * 1000)
+            raise StoreError(f"redis {op}: no answer within {ms} ms") from exc
+        except RedisConnectionError as exc:
+            raise StoreError(f"redis {op}: unreachable: {exc}") from exc
+        except (RedisError, RedisClusterException) as exc:
+            raise StoreError(f"redis {op}: {exc}") from exc
+        except Exception as exc:
+            # A client-internal failure (races like the one above) or a reply
+            # of the wrong shape: the store did not answer usably either way,
+            # and callers fail closed on StoreError.
+            raise StoreError(f"redis {op}: client failure: {exc!r}") from exc
+
+    def _saw_epoch(self, run_id: str) -> None:
+        if self.epoch and run_id != self.epoch and self._cluster is None:
+            self._restarted = run_id
+        self.epoch = run_id
+
+    def _rkey(self, key: str) -> str:
+        return redis_key(self._prefix, key)
+
+    async def _pipelined(
+        self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]], *, wait_for: int = 0
+    ) -> list[Any]:
+        """Run `script` once per call in one round trip per node, followed by
+        `WAIT wait_for` on the same connection when `wait_for` > 0. Sends
+        EVALSHA itself: a pipeline given Script objects asks SCRIPT EXISTS
+        first every time."""
+        for attempt in (1, 2):
+            pipe = self._client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            if wait_for:
+                target: dict[str, Any] = {}
+                if self._cluster is not None:
+                    # WAIT counts the replicas of the node the script ran on.
+                    target["target_nodes"] = self._cluster.get_node_from_key(calls[0][0][0])
+                pipe.execute_command("WAIT", wait_for, self._min_replicas_timeout_ms, **target)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
+                await self._client.script_load(script.script)
+                continue
+            break
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    # -- VersionStore --------------------------------------------------------
+
+    async def observe(self, key: str, *, reader: str | None = None) -> Observation:
+        rkey = self._rkey(key)
+        keys = [rkey] if reader is None else [rkey, f"{rkey}:r:{reader}"]
+        async with self._guard("observe"):
+            t, m, x, e, pending, cause, seen = await self._observe(keys, [new_token(), self._ttl_ms])
+        version = _version(t, m, x, e)
+        self._saw_epoch(version.epoch)
+        minted = Cause(cause.decode()) if cause else None
+        return Observation(version, pending == 1, minted, seen == 1)
+
+    async def confirm(self, key: str, token: str) -> None:
+        """A 2xx read showed that the resource at `token` exists."""
+        async with self._guard("confirm"):
+            await self._confirm([self._rkey(key)], [token])
+
+    async def record_reader(self, key: str, reader: str, ttl_ms: int) -> None:
+        # A plain SET: the record says who was served, which stays true
+        # whatever happens to the version, so it needs no epoch.
+        if ttl_ms <= 0:
+            return
+        async with self._guard("record_reader"):
+            await self._client.set(f"{self._rkey(key)}:r:{reader}", b"1", px=ttl_ms)
+
+    async def begin(self, key: str, cond: WriteCondition, owner: str, lease_ms: int, wait_ms: int) -> BeginResult:
+        rkey = self._rkey(key)
+        call_id = new_token()
+        head, tokens = _condition_args(cond)
+        start = time.monotonic()
+        give_up = start + wait_ms / 1000
+        delay = _POLL_FIRST_S
+        while True:
+            args = [owner, lease_ms, new_token(), self._ttl_ms, call_id, *head, self.epoch, self._restarted, *tokens]
+            reply, acked = await self._begin_once(rkey, args)
+            status, busy_ms = reply[0].decode(), int(reply[1])
+            current = _version(*reply[2:6]) if reply[2] else None
+            self._saw_epoch(reply[6].decode())
+            left = give_up - time.monotonic()
+            if status != "busy" or left <= 0:
+                break
+            await self._wakeups.wait(rkey, min(delay, left, busy_ms / 1000 + _POLL_FIRST_S))
+            delay = min(delay * 2, _POLL_CAP_S)
+        waited_ms = int((time.monotonic() - start) * 1000)
+        if status == "busy":
+            return BeginResult(BeginStatus.BUSY, current, waited_ms)
+        if status == "failed":
+            return BeginResult(BeginStatus.PRECONDITION_FAILED, current, waited_ms)
+        if acked is not None and acked < self._min_replicas:
+            # The lease may not survive a failover: give it back, fail closed.
+            await self.end(key, owner, Outcome.REJECTED)
+            raise StoreError(
+                f"redis begin: {acked} of {self._min_replicas} replicas acknowledged"
+                f" within {self._min_replicas_timeout_ms} ms"
+            )
+        return BeginResult(BeginStatus.OK, current, waited_ms)
+
+    async def _begin_once(self, rkey: str, args: list[Any]) -> tuple[list[Any], int | None]:
+        """One BEGIN attempt; with min_replicas, also the WAIT acknowledgement
+        count (sent after every attempt, read only after 'ok')."""
+        if not self._min_replicas:
+            async with self._guard("begin"):
+                return await self._begin([rkey], args), None
+        async with self._guard("begin", self._min_replicas_timeout_ms / 1000):
+            reply, acked = await self._pipelined(self._begin, [([rkey], args)], wait_for=self._min_replicas)
+        return reply, int(acked)
+
+    async def end(self, key: str, owner: str, outcome: Outcome, *, exists: bool = True) -> EndResult:
+        rkey = self._rkey(key)
+        args = [owner, outcome.value, int(exists), new_token(), self._ttl_ms]
+        try:
+            async with self._guard("end"):
+                reply = await self._end([rkey], args)
+        finally:
+            self._wakeups.notify(rkey)
+        if not reply:
+            return EndResult(None, lease_lost=True)
+        return EndResult(_version(*reply))
+
+    async def put_replay(self, key: str, idem: str, record: Replay, ttl_ms: int) -> None:
+        headers = json.dumps([list(pair) for pair in record.headers])
+        args: list[bytes | str | int] = [ttl_ms, record.fingerprint, record.status, headers, record.body]
+        async with self._guard("put_replay"):
+            await self._put_replay([f"{self._rkey(key)}:i:{idem}"], args)
+
+    async def invalidate(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        calls = [([self._rkey(key)], [new_token(), self._ttl_ms]) for key in keys]
+        async with self._guard("invalidate"):
+            await self._pipelined(self._invalidate, calls)
+
+    async def fingerprint(self, key: str, token: str, digest: str) -> Version | None:
+        async with self._guard("fingerprint"):
+            reply = await self._fingerprint([self._rkey(key)], [token, digest, new_token(), self._ttl_ms])
+        return _version(*reply) if reply else None
+
+    async def get_replay(self, key: str, idem: str) -> Replay | None:
+        async with self._guard("get_replay"):
+            fields: dict[bytes, bytes] = await self._client.hgetall(f"{self._rkey(key)}:i:{idem}")  # type: ignore[assignment]
+        if not fields:
+            return None
+        headers = tuple((name, value) for name, value in json.loads(fields[b"h"]))
+        return Replay(fields[b"f"].decode(), int(fields[b"s"]), headers, fields[b"b"])
+
+    async def inspect(self, key: str) -> KeyInfo:
+        rkey = self._rkey(key)
+        async with self._guard("inspect"):
+            now, run_id, pttl, *flat = await self._inspect([rkey])
+        h = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
+        extra = {"redis_key": rkey, "run_id": run_id.decode()}
+        if "d" in h:
+            extra["digest"] = h["d"].decode()
+        version = None
+        if "t" in h:
+            if h["e"] == run_id:
+                version = _version(h["t"], h["m"], h["x"], h["e"])
+            else:
+                extra["stale_epoch"] = h["e"].decode()
+        if h.get("s") == b"p":
+            deadline = int(h["l"])
+            if deadline <= int(now):
+                extra["lease"] = "expired"
+            if h.get("i") == b"1":
+                extra["invalidated"] = "yes"
+            return KeyInfo(key, "pending", version, h["o"].decode(), deadline, extra)
+        if version is None:
+            return KeyInfo(key, "absent", None, extra=extra)
+        extra["ttl_ms"] = str(pttl)
+        return KeyInfo(key, "committed", version, extra=extra)
+
+    async def ping(self) -> None:
+        async with self._guard("ping"):
+            await self._client.ping()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+        for client in self._closing:
+            await client.aclose()

@@ -1,0 +1,84 @@
+"""The pipelined RESP client against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from etagproxy.store.resp import ReplyError, RespClient, RespError, pack
+
+SCRIPT = "return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[1])}"
+
+
+def test_pack_is_resp_arrays_of_bulk_strings():
+    assert pack(["SET", "k", 12, b"\x00v"]) == b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n$2\r\n\x00v\r\n"
+
+
+async def test_concurrent_commands_share_one_connection_and_get_their_own_replies(redis_server):
+    client = RespClient(redis_server.host, redis_server.port)
+    try:
+        results = await asyncio.gather(*(client.execute("ECHO", f"m{i}") for i in range(500)))
+        assert results == [f"m{i}".encode() for i in range(500)]
+        listed = redis_server.command("CLIENT", "LIST")
+        text = listed.decode() if isinstance(listed, bytes) else str(listed)
+        assert text.count("id=") == 2, "one pipelined connection, plus the admin's asking"
+    finally:
+        await client.close()
+
+
+async def test_error_replies_raise_and_do_not_desync(redis_server):
+    client = RespClient(redis_server.host, redis_server.port)
+    try:
+        await client.execute("SET", "s", "x")
+        bad, good = await asyncio.gather(client.execute("INCR", "s"), client.execute("GET", "s"), return_exceptions=True)
+        assert isinstance(bad, ReplyError) and good == b"x"
+    finally:
+        await client.close()
+
+
+async def test_evalsha_loads_the_script_after_a_flush(redis_server):
+    client = RespClient(redis_server.host, redis_server.port)
+    try:
+        assert await client.evalsha(SCRIPT, ["k"], ["a"]) == [b"k", b"a", 1]
+        redis_server.command("SCRIPT", "FLUSH")
+        assert await client.evalsha(SCRIPT, ["k"], ["b"]) == [b"k", b"b", 2]
+    finally:
+        await client.close()
+
+
+async def test_a_restart_fails_the_call_in_flight_then_reconnects(redis_server):
+    client = RespClient(redis_server.host, redis_server.port, connect_timeout=0.5)
+    try:
+        assert await client.execute("PING") == b"PONG"
+        redis_server.kill()
+        with pytest.raises(RespError):
+            await client.execute("PING")
+        with pytest.raises(RespError):
+            await client.execute("PING")
+        redis_server.start()
+        assert await client.execute("PING") == b"PONG"
+    finally:
+        redis_server.ensure_running()
+        await client.close()
+
+
+async def test_auth_and_db_are_set_up_on_connect(redis_server):
+    redis_server.command("CONFIG", "SET", "requirepass", "s3cret")
+    try:
+        client = RespClient(redis_server.host, redis_server.port, password="s3cret", db=3)
+        try:
+            await client.execute("SET", "in-db-3", "1")
+            assert await client.execute("EXISTS", "in-db-3") == 1
+        finally:
+            await client.close()
+        wrong = RespClient(redis_server.host, redis_server.port, password="nope")
+        with pytest.raises(RespError):
+            await wrong.execute("PING")
+        await wrong.close()
+    finally:
+        import redis
+
+        with redis.Redis(redis_server.host, redis_server.port, password="s3cret") as admin:
+            admin.execute_command("CONFIG", "SET", "requirepass", "")
+            admin.flushall()
