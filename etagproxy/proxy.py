@@ -21,17 +21,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from etagproxy import headers as hdr
 from etagproxy.config import Config, RouteConfig
 from etagproxy.etag import EntityTag, make_etag, parse_tag_list
+from etagproxy.guard import ClientBodyError, client_chunks
 from etagproxy.httpdate import format_http_date
 from etagproxy.metrics import Metrics
 from etagproxy.preconditions import Conditionals, Decision, Representation, evaluate, write_condition
@@ -65,11 +68,56 @@ NOT_MODIFIED_FIELDS = ("Cache-Control", "Content-Location", "Date", "Expires", "
 # (`upstream_conditionals: true` forwards them as well.)
 REQUEST_DROP_TRACKED = hdr.CONDITIONALS | {"expect"}
 REQUEST_DROP_PLAIN = frozenset({"expect"})
+# The `authorize: upstream` probe carries the caller's credentials, not its body.
+AUTHORIZE_DROP = frozenset(
+    {"content-type", "content-encoding", "content-language", "content-location",
+     "content-range", "content-digest", "repr-digest", "digest", "idempotency-key"}
+)
 RESPONSE_DROP_TRACKED = frozenset({"etag", "last-modified"})
+
+# What `short_circuit` remembers of a representation's 2xx (Date is the 304's own).
+SELECTED_FIELDS = frozenset(name.lower() for name in NOT_MODIFIED_FIELDS) - {"date"}
+SELECTED_MAX = 10_000
 
 
 class BodyTooLarge(Exception):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class Selected:
+    """How a 2xx read selected one representation, kept per process so that
+    `short_circuit` can answer 304 for it without the upstream.
+
+    RFC 9111 §4.1: a response stands in for another request only if the
+    request fields its `Vary` names match. RFC 9110 §15.4.5: the 304 carries
+    the Cache-Control, Content-Location, Expires and Vary the 200 would.
+    Another process (a replica on the same Redis) has no record and forwards.
+    """
+
+    qpart: str
+    """The query part of the tag (the non-key parameters)."""
+    vary: tuple[tuple[str, tuple[str, ...]], ...] | None
+    """Each field `Vary` named (lower case) with the request's values; None for `Vary: *`."""
+    fields: tuple[tuple[str, str], ...]
+    """The 2xx's lines of SELECTED_FIELDS."""
+
+    @classmethod
+    def of(cls, qpart: str, request: CIMultiDictProxy[str], response: CIMultiDict[str]) -> Selected:
+        names = sorted(
+            {f.strip().lower() for line in response.getall("Vary", ()) for f in line.split(",") if f.strip()}
+        )
+        vary = None if "*" in names else tuple((n, tuple(request.getall(n, ()))) for n in names)
+        fields = tuple((k, v) for k, v in response.items() if k.lower() in SELECTED_FIELDS)
+        return cls(qpart, vary, fields)
+
+    def selects(self, qpart: str, request: CIMultiDictProxy[str]) -> bool:
+        """Whether `request` would select this representation again."""
+        return (
+            self.vary is not None
+            and qpart == self.qpart
+            and all(tuple(request.getall(n, ())) == values for n, values in self.vary)
+        )
 
 
 @dataclass(slots=True)
@@ -106,8 +154,12 @@ def _short_hash(data: str, size: int) -> str:
     return hashlib.blake2b(data.encode("utf-8", "surrogateescape"), digest_size=size).hexdigest()
 
 
-def query_variant(target: Target, key_query: tuple[str, ...]) -> str:
-    """The part of a representation tag chosen by non-key query parameters."""
+def query_variant(target: Target, key_query: Collection[str]) -> str:
+    """The part of a representation tag chosen by non-key query parameters.
+
+    `key_query` holds the names in canonical encoded form (`Route.key_query`),
+    the spelling `Target.params()` yields.
+    """
     if not target.query:
         return ""
     extra = sorted(f"{n}={v}" for n, v in target.params() if n not in key_query)
@@ -163,6 +215,7 @@ class Proxy:
         self.on_exchange = on_exchange
         self.trusted = hdr.TrustedProxies(config.trusted_proxies)
         self.tasks: set[asyncio.Task[object]] = set()
+        self.selected: OrderedDict[tuple[str, str], Selected] = OrderedDict()
         t = config.timeouts
         # The lease outlives the upstream deadline by the time BEGIN's answer
         # and END's request can take (DESIGN §2.3: strictly shorter).
@@ -205,6 +258,9 @@ class Proxy:
             resp = problem(400, "bad-target", str(exc))
         except hdr.HeaderError as exc:
             resp = problem(400, "bad-header", str(exc))
+        except ClientBodyError as exc:
+            ex.error = exc.kind
+            resp = exc.response()
         except Exception:
             log.exception("request %s failed", ex.rid)
             ex.error = "internal"
@@ -241,7 +297,7 @@ class Proxy:
         self, request: web.BaseRequest, ex: Exchange, drop: frozenset[str], *, keep_framing: bool
     ) -> CIMultiDict[str]:
         peer = request.remote
-        return hdr.upstream_request_headers(
+        out = hdr.upstream_request_headers(
             request.raw_headers,
             drop=drop,
             peer=peer,
@@ -251,6 +307,10 @@ class Proxy:
             rid=ex.rid,
             keep_framing=keep_framing,
         )
+        if keep_framing and request.content_length is not None and "Content-Length" in out:
+            # Framed afresh: the parsed number, never the client's spelling ("005").
+            out["Content-Length"] = str(request.content_length)
+        return out
 
     def _client_body(self, request: web.BaseRequest, ex: Exchange) -> AsyncIterator[bytes] | None:
         if not request.body_exists:
@@ -258,7 +318,7 @@ class Proxy:
 
         async def gen() -> AsyncIterator[bytes]:
             await self._continue(request)
-            async for chunk in request.content.iter_chunked(CHUNK):
+            async for chunk in client_chunks(request, CHUNK, self.config.timeouts.body_read):
                 ex.bytes_in += len(chunk)
                 yield chunk
 
@@ -372,7 +432,9 @@ class Proxy:
     ) -> web.StreamResponse:
         cfg: RouteConfig = match.route.config
         cond = Conditionals.from_headers(request.headers)
-        reader = credential_hash(request.headers) if cfg.short_circuit else None
+        # Credentials that get a 2xx are remembered for short_circuit and for
+        # etag_in_412: the proxy only tells the current token to them.
+        reader = credential_hash(request.headers) if cfg.short_circuit or cfg.etag_in_412 else None
         obs: Observation | None
         try:
             obs = await self._timed_store(ex, "observe", self.store.observe(match.key, reader=reader))  # type: ignore[assignment]
@@ -380,7 +442,7 @@ class Proxy:
             obs = None
         if obs is not None:
             self._minted(obs.minted)
-        qpart = query_variant(target, cfg.key_query)
+        qpart = query_variant(target, match.route.key_query)
         if obs is not None and cfg.short_circuit and not obs.pending and cond.if_none_match:
             early = self._short_circuit(request, ex, cfg, cond, obs, qpart, reader)
             if early is not None:
@@ -405,7 +467,15 @@ class Proxy:
                 version: Version | None = obs.version
                 body: bytes | None = None
                 more = False
-                if cfg.fingerprint and request.method == "GET":
+                # Only the full representation without extra parameters or a
+                # content coding is hashed: the others differ in bytes by
+                # nature (and gzip output need not be stable), and one digest
+                # per key would flip between them, minting on every read.
+                coding = up.headers.get("Content-Encoding", "identity").strip().lower()
+                if (
+                    cfg.fingerprint and request.method == "GET" and up.status == 200
+                    and not qpart and coding == "identity"
+                ):
                     body, complete, version = await self._fingerprint(ex, match, up, version)
                     more = not complete
                     if version is None:
@@ -420,6 +490,8 @@ class Proxy:
                 if reader is not None:
                     self.spawn(self._record_reader(match.key, reader, cfg))
                 tag = make_etag(version.token, representation_variant(qpart, up.headers))
+                if cfg.short_circuit:
+                    self._remember(ex.key, tag, Selected.of(qpart, request.headers, out))
                 last_modified = version.minted_ms // 1000 if cfg.last_modified else None
                 decision = evaluate(
                     request.method, cond, Representation(version.token, tag, last_modified)
@@ -459,23 +531,27 @@ class Proxy:
         tags = parse_tag_list(cond.if_none_match)
         if tags is None or tags.any or tags.malformed:
             return None
-        accept_enc = request.headers.get("Accept-Encoding", "").lower()
         token = obs.version.token
         for tag in tags.tags:
-            if tag.token != token:
-                continue
-            parts = tag.opaque[len(token) + 1:].split("-") if len(tag.opaque) > len(token) else []
-            q = next((p for p in parts if p.startswith("q")), "")
-            enc = next((p[1:] for p in parts if p.startswith("e")), "")
-            if q != qpart or (enc and any(c not in accept_enc for c in enc.split("."))):
+            # The version must be current, and this request must select the
+            # representation the tag was given to (weak comparison, §13.1.2).
+            seen = self.selected.get((ex.key, tag.opaque)) if tag.token == token else None
+            if seen is None or not seen.selects(qpart, request.headers):
                 continue
             ex.decision = "short_circuit"
             self.metrics.preconditions.labels(ex.route, "not_modified").inc()
-            headers: CIMultiDict[str] = CIMultiDict()
+            headers: CIMultiDict[str] = CIMultiDict(seen.fields)
             headers["Via"] = f"1.1 {self.config.via}"
             headers["X-Request-ID"] = ex.rid
-            return self._not_modified(ex, tag, headers, obs.version)
+            return self._not_modified(ex, EntityTag(tag.opaque), headers, obs.version)
         return None
+
+    def _remember(self, key: str, tag: EntityTag, selected: Selected) -> None:
+        """Keep how `tag` was selected, for `_short_circuit` (bounded, LRU)."""
+        self.selected[(key, tag.opaque)] = selected
+        self.selected.move_to_end((key, tag.opaque))
+        if len(self.selected) > SELECTED_MAX:
+            self.selected.popitem(last=False)
 
     def _not_modified(
         self, ex: Exchange, tag: EntityTag, upstream_headers: CIMultiDict[str], version: Version | None
@@ -571,7 +647,8 @@ class Proxy:
             )
         drop = named if cfg.upstream_conditionals else (REQUEST_DROP_TRACKED | named)
         headers = self._upstream_headers(request, ex, drop, keep_framing=False)
-        owner = ex.rid + "." + hashlib.blake2b(str(time.perf_counter_ns()).encode(), digest_size=4).hexdigest()
+        # Unique per write: the request id may come from the client.
+        owner = os.urandom(12).hex()
         try:
             begun = await self._timed_store(
                 ex, "begin", self.store.begin(match.key, wcond, owner, self.lease_ms, self.wait_ms)
@@ -596,7 +673,7 @@ class Proxy:
                 headers=(("Retry-After", self.retry_after),),
             )
         if begun.status is BeginStatus.PRECONDITION_FAILED:  # type: ignore[attr-defined]
-            return await self._precondition_failed(request, ex, match, cond, body, begun.current)  # type: ignore[attr-defined]
+            return await self._precondition_failed(request, ex, target, match, cond, body, begun.current)  # type: ignore[attr-defined]
         return await self._forward_write(request, ex, target, match, headers, body, owner, cond)
 
     def _replay_fingerprint(self, request: web.BaseRequest, cond: Conditionals, body: bytes) -> str:
@@ -614,8 +691,8 @@ class Proxy:
         return hashlib.blake2b(value.encode("latin-1", "replace"), digest_size=16).hexdigest()
 
     async def _precondition_failed(
-        self, request: web.BaseRequest, ex: Exchange, match: Match, cond: Conditionals,
-        body: bytes, current: Version | None,
+        self, request: web.BaseRequest, ex: Exchange, target: Target, match: Match,
+        cond: Conditionals, body: bytes, current: Version | None,
     ) -> web.StreamResponse:
         cfg: RouteConfig = match.route.config
         idem = self._idempotency_key(request) if cfg.replay_ttl > 0 else None
@@ -633,11 +710,23 @@ class Proxy:
                 resp.headers["X-Request-ID"] = ex.rid
                 resp.headers["Idempotency-Replayed"] = "true"
                 return resp
+        authorized = False
+        if cfg.authorize == "upstream":
+            try:
+                refused = await self._authorize(request, ex, target, match)
+            except UpstreamError as exc:
+                return self._upstream_failed(ex, exc)
+            if refused is not None:
+                return refused
+            authorized = True
         ex.decision = "precondition_failed"
         self.metrics.preconditions.labels(ex.route, "precondition_failed").inc()
         extra: dict[str, object] = {}
         headers: list[tuple[str, str]] = []
-        if cfg.etag_in_412 and current is not None and current.exists:
+        if (
+            cfg.etag_in_412 and current is not None and current.exists
+            and (cfg.public or authorized or await self._reader_seen(ex, match.key, request))
+        ):
             tag = str(make_etag(current.token))
             headers.append(("ETag", tag))
             extra["current_etag"] = tag
@@ -647,6 +736,48 @@ class Proxy:
             "the write was not applied. Re-read it and retry with the new ETag.",
             headers=headers, **extra,
         )
+
+    async def _reader_seen(self, ex: Exchange, key: str, request: web.BaseRequest) -> bool:
+        """Whether these credentials got a 2xx on `key` lately: only they may
+        learn its current token from a 412."""
+        try:
+            obs = await self._timed_store(
+                ex, "observe", self.store.observe(key, reader=credential_hash(request.headers))
+            )
+        except StoreError:
+            return False
+        return bool(obs.reader_seen)  # type: ignore[attr-defined]
+
+    async def _authorize(
+        self, request: web.BaseRequest, ex: Exchange, target: Target, match: Match
+    ) -> web.StreamResponse | None:
+        """`authorize: upstream`: ask the upstream before answering 412.
+
+        RFC 9110 §13.2.1: preconditions are ignored when the request without
+        them would have failed (or redirected) before any processing, so a
+        caller the upstream refuses must get the upstream's status, not a
+        412 that says the resource exists and has moved on. HEAD with the
+        caller's credentials (GET when the upstream does not do HEAD); a
+        non-2xx is relayed, None means go on with the 412.
+        """
+        named = hdr.connection_tokens(request.headers.getall("Connection", ()))
+        drop = REQUEST_DROP_TRACKED | AUTHORIZE_DROP | named
+        headers = self._upstream_headers(request, ex, drop, keep_framing=False)
+        for method in ("HEAD", "GET"):
+            async with self._send(match, target, method, headers, None) as up:  # type: ignore[attr-defined]
+                if method == "HEAD" and up.status in (405, 501):
+                    continue
+                if 200 <= up.status < 300:
+                    return None
+                ex.decision = "authorize_refused"
+                ex.upstream_status = up.status
+                out = hdr.response_headers(
+                    up.raw_headers, drop=RESPONSE_DROP_TRACKED, via=self.config.via, rid=ex.rid
+                )
+                if method == "HEAD":
+                    return web.Response(status=up.status, reason=up.reason, headers=out)
+                return await self._relay(request, ex, up, out)
+        return None
 
     async def _forward_unchecked(
         self, request: web.BaseRequest, ex: Exchange, target: Target, match: Match,
@@ -716,13 +847,21 @@ class Proxy:
                 ended = True
                 committed = await self._end(ex, match.key, owner, outcome, exists=exists)
                 ex.decision = ex.decision or outcome.value
+                if outcome is not Outcome.REJECTED:
+                    # The write landed, or may have: so may what it invalidates.
+                    await self._invalidate(ex, match)
                 if outcome is Outcome.SUCCESS and committed is not None:
-                    await self._after_success(ex, match, up, out)
-                    tag = str(make_etag(committed.token))
-                    if cfg.etag_on_write and "ETag" not in out:
-                        out["ETag"] = tag
-                    if cfg.last_modified and "ETag" in out:
-                        out["Last-Modified"] = format_http_date(committed.minted_ms // 1000)
+                    if cfg.short_circuit or cfg.etag_in_412:
+                        # A 2xx write is a success of these credentials too.
+                        self.spawn(self._record_reader(match.key, credential_hash(request.headers), cfg))
+                    shown = await self._response_version(
+                        ex, match, up, committed, target, request.headers.get("Host")
+                    )
+                    if shown is not None and cfg.etag_on_write:
+                        version, dated = shown
+                        out["ETag"] = str(make_etag(version.token))
+                        if dated:
+                            out["Last-Modified"] = format_http_date(version.minted_ms // 1000)
                     if idem is not None and resp_body is not None:
                         replay = Replay(
                             self._replay_fingerprint(request, cond, body),
@@ -736,6 +875,8 @@ class Proxy:
             if not ended:
                 ended = True
                 await self._end(ex, match.key, owner, Outcome.UNKNOWN if exc.sent else Outcome.REJECTED)
+                if exc.sent:
+                    await self._invalidate(ex, match)
             return self._upstream_failed(ex, exc)
         finally:
             if not ended:
@@ -757,8 +898,8 @@ class Proxy:
         except StoreError:
             pass
 
-    async def _after_success(self, ex: Exchange, match: Match, up: object, out: CIMultiDict[str]) -> None:
-        """Invalidate related keys; give a 201's new resource its token."""
+    async def _invalidate(self, ex: Exchange, match: Match) -> None:
+        """New tokens for the keys the route's `invalidates` templates name."""
         keys = self.router.invalidation_keys(match)
         if keys:
             try:
@@ -767,32 +908,55 @@ class Proxy:
                     self._minted(Cause.INVALIDATED)
             except StoreError:
                 pass
-        if up.status == 201:  # type: ignore[attr-defined]
-            location = up.headers.get("Location")  # type: ignore[attr-defined]
-            created = self._location_match(location) if location else None
-            if created is not None and created.key != match.key:
-                owner = ex.rid + ".created"
-                try:
-                    begun = await self._timed_store(
-                        ex, "begin", self.store.begin(created.key, WriteCondition(), owner, self.lease_ms, 0)
-                    )
-                    if begun.status is BeginStatus.OK:  # type: ignore[attr-defined]
-                        version = await self._end(ex, created.key, owner, Outcome.SUCCESS)
-                        if version is not None:
-                            out["ETag"] = str(make_etag(version.token))
-                except StoreError:
-                    pass
 
-    def _location_match(self, location: str) -> Match | None:
-        """The tracked route a `Location` value falls in, if any."""
+    async def _response_version(
+        self, ex: Exchange, match: Match, up: object, committed: Version, target: Target,
+        host: str | None,
+    ) -> tuple[Version, bool] | None:
+        """The version whose validators a 2xx write response carries, and
+        whether its route sends Last-Modified; None for no validators.
+
+        RFC 9110 §15.3.2: a 201's validators describe the created resource.
+        When `Location` names another resource it gets a new token here if
+        the proxy tracks it; otherwise the response carries none, since the
+        target's token would be read as the created resource's.
+        """
+        location = up.headers.get("Location") if up.status == 201 else None  # type: ignore[attr-defined]
+        if not location:
+            return committed, match.route.config.last_modified
+        created = self._location_match(location, target, host)
+        if created is None:
+            return None
+        if created.key == match.key:
+            return committed, match.route.config.last_modified
+        owner = os.urandom(12).hex()
         try:
-            url = URL(location)
+            begun = await self._timed_store(
+                ex, "begin", self.store.begin(created.key, WriteCondition(), owner, self.lease_ms, 0)
+            )
+        except StoreError:
+            return None
+        if begun.status is not BeginStatus.OK:  # type: ignore[attr-defined]
+            return None
+        version = await self._end(ex, created.key, owner, Outcome.SUCCESS)
+        return None if version is None else (version, created.route.config.last_modified)
+
+    def _location_match(self, location: str, target: Target, host: str | None) -> Match | None:
+        """The tracked route a `Location` value falls in, if any.
+
+        RFC 9110 §10.2.2: the value is a URI-reference resolved against the
+        target URI. An absolute one counts on the upstream's origin or on
+        the authority the client addressed (`Host` is forwarded as sent, and
+        an API builds its links from it).
+        """
+        try:
+            url = URL(target.raw).join(URL(location))
         except ValueError:
             return None
         if url.is_absolute():
             upstream = URL(self.config.upstream)
-            # Only the upstream's own origin (or a relative reference) counts.
-            if url.origin() != upstream.origin():
+            addressed = host is not None and (url.raw_authority or "").lower() == host.lower()
+            if url.origin() != upstream.origin() and not addressed:
                 return None
         raw = url.raw_path + (("?" + url.raw_query_string) if url.raw_query_string else "")
         try:
