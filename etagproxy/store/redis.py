@@ -363,7 +363,10 @@ class RedisStore:
         give_up = start + wait_ms / 1000
         delay = _POLL_FIRST_S
         while True:
-            args = [owner, lease_ms, new_token(), self._ttl_ms, call_id, *head, self.epoch, self._restarted, *tokens]
+            # A cluster has one epoch per shard and no single one to compare
+            # with: the restart fence is for single servers and Sentinel.
+            known = "" if self._cluster is not None else self.epoch
+            args = [owner, lease_ms, new_token(), self._ttl_ms, call_id, *head, known, self._restarted, *tokens]
             reply, acked = await self._begin_once(rkey, args)
             status, busy_ms = reply[0].decode(), int(reply[1])
             current = _version(*reply[2:6]) if reply[2] else None
