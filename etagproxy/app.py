@@ -4,22 +4,26 @@
 `stop()` shuts down in the order aiohttp's BaseRunner.cleanup and uvicorn's
 Server.shutdown use: fail readiness, stop listening, drain in-flight
 requests within the budget, then close the upstream pool and the store.
+The admin listener closes last, so `/readyz` answers 503 "draining" for as
+long as the drain lasts.
+
+`reload()` (SIGHUP) swaps the routes for the ones in the config file, or
+keeps the running ones if the file has problems.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import logging
 import socket
-import sys
-import time
 from collections.abc import Callable
 
 from aiohttp import web
 
-from etagproxy.config import Config
-from etagproxy.metrics import Metrics
+from etagproxy.config import Config, ConfigError, load_config
+from etagproxy.guard import GuardedServer
+from etagproxy.metrics import CONTENT_TYPE, Metrics
 from etagproxy.proxy import Exchange, Proxy
 from etagproxy.routes import Router
 from etagproxy.store import open_store
@@ -28,32 +32,11 @@ from etagproxy.upstream import Upstream
 
 log = logging.getLogger("etagproxy")
 
-
-def access_line(ex: Exchange) -> str:
-    """One JSON access-log line."""
-    return json.dumps(
-        {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
-            "request_id": ex.rid,
-            "method": ex.method,
-            "route": ex.route,
-            "key": ex.key,
-            "status": ex.status,
-            "upstream_status": ex.upstream_status,
-            "decision": ex.decision,
-            "store_ms": round(ex.store_ms, 3),
-            "upstream_ms": round(ex.upstream_ms, 3),
-            "ms": round((time.perf_counter() - ex.start) * 1000, 3),
-            "bytes_in": ex.bytes_in,
-            "bytes_out": ex.bytes_out,
-            **({"error": ex.error} if ex.error else {}),
-        },
-        separators=(",", ":"),
-    )
-
-
-def stdout_access_log(ex: Exchange) -> None:
-    sys.stdout.write(access_line(ex) + "\n")
+# What SIGHUP applies. Routes carry the top-level upstream (resolved at
+# load) and `defaults:` (merged at load), so those change with them; every
+# other setting is bound to sockets, pools or the store and needs a restart.
+RELOADED = frozenset({"routes", "upstream"})
+_IGNORED_ON_RELOAD = ("source",)
 
 
 class ProxyServer:
@@ -88,8 +71,10 @@ class ProxyServer:
         self.proxy = Proxy(
             cfg, Router(cfg.routes), self.store, self.upstream, self.metrics, self._access_log
         )
-        server = web.Server(
-            self.proxy.handle,
+        # Framing checks, header-read timeout, connection and in-flight
+        # limits run before a request reaches Proxy.handle (guard.py).
+        server = GuardedServer(
+            self.proxy,
             handler_cancellation=False,
             access_log=None,
             keepalive_timeout=cfg.timeouts.keepalive,
@@ -111,6 +96,8 @@ class ProxyServer:
         if cfg.admin_listen is not None:
             await self._start_admin(*cfg.admin_listen)
 
+    # -- admin endpoints -------------------------------------------------------
+
     async def _start_admin(self, host: str, port: int) -> None:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
@@ -123,9 +110,12 @@ class ProxyServer:
         self.admin_port = _bound_port(site)
 
     async def _healthz(self, request: web.Request) -> web.Response:
+        """Liveness: the event loop runs and answers. Nothing external is
+        checked, so a store outage never gets a healthy process restarted."""
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
+        """Readiness: not draining, and the store answers a PING in time."""
         if self.draining:
             return web.json_response({"status": "draining"}, status=503)
         assert self.store is not None
@@ -133,25 +123,85 @@ class ProxyServer:
             async with asyncio.timeout(max(self.config.timeouts.store, 0.05) * 5):
                 await self.store.ping()
         except (StoreError, TimeoutError) as exc:
-            return web.json_response({"status": "store unavailable", "detail": str(exc)}, status=503)
+            detail = str(exc) or "no answer in time"
+            return web.json_response({"status": "store unavailable", "detail": detail}, status=503)
         return web.json_response({"status": "ready"})
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=self.metrics.exposition(),
-            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+    # -- reload ----------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the config file and apply its routes (SIGHUP).
+
+        A file with problems is rejected as a whole: each problem is logged
+        and the running routes stay. Returns whether the new routes apply.
+        """
+        path = self.config.source
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels("rejected").inc()
+            for line in exc.problems:
+                log.error("reload rejected: %s", line, extra={"fields": {"problem": line}})
+            log.error("reload rejected: keeping the %d running routes", len(self.config.routes))
+            return False
+        try:
+            self.apply_routes(new)
+        except ValueError as exc:  # TemplateError: a route the router cannot compile
+            self.metrics.config_reloads.labels("rejected").inc()
+            log.error("reload rejected: %s; keeping the running routes", exc)
+            return False
+        self.metrics.config_reloads.labels("applied").inc()
+        return True
+
+    def apply_routes(self, new: Config) -> list[str]:
+        """Serve `new`'s routes from the next request on; returns the names of
+        other changed settings, which are ignored until a restart."""
+        router = Router(new.routes)  # compile before swapping: a failure keeps the old one
+        ignored = [
+            f.name
+            for f in dataclasses.fields(Config)
+            if f.name not in RELOADED
+            and f.name not in _IGNORED_ON_RELOAD
+            and not _same_setting(getattr(new, f.name), getattr(self.config, f.name))
+        ]
+        self.config = dataclasses.replace(self.config, routes=new.routes, upstream=new.upstream)
+        if self.proxy is not None:
+            # Each request reads `router` once when it matches; requests in
+            # flight finish with the route they matched.
+            self.proxy.config = self.config
+            self.proxy.router = router
+        log.info(
+            "routes reloaded from %s: %d routes", new.source, len(new.routes),
+            extra={"fields": {"routes": len(new.routes)}},
         )
+        if ignored:
+            log.warning(
+                "reload: %s changed in %s; these apply only after a restart",
+                ", ".join(ignored), new.source, extra={"fields": {"restart_needed": ignored}},
+            )
+        return ignored
+
+    # -- shutdown --------------------------------------------------------------
 
     async def stop(self) -> None:
-        """Drain and close; safe to call twice."""
+        """Drain and close; safe to call twice.
+
+        One budget (`timeouts.shutdown`) covers both the requests in flight
+        and the END calls they left running in the background.
+        """
         self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeouts.shutdown
         if self._runner is not None:
             runner, self._runner = self._runner, None
             # Stops listening, then waits for in-flight handlers up to the
             # shutdown budget, then closes idle keep-alive connections.
             await runner.cleanup()
         if self.proxy is not None and self.proxy.tasks:
-            await asyncio.wait(set(self.proxy.tasks), timeout=self.config.timeouts.shutdown)
+            await asyncio.wait(set(self.proxy.tasks), timeout=max(0.0, deadline - loop.time()))
         if self.upstream is not None:
             await self.upstream.close()
             self.upstream = None
@@ -160,6 +210,15 @@ class ProxyServer:
         if self._admin is not None:
             admin, self._admin = self._admin, None
             await admin.cleanup()
+
+
+def _same_setting(new: object, running: object) -> bool:
+    """Whether a reloaded value matches the running one. An address with
+    port 0 ("any free port") is met by whatever port was bound for it."""
+    if isinstance(new, tuple) and isinstance(running, tuple) and len(new) == len(running) == 2:
+        if new[1] == 0 and isinstance(new[0], str):
+            return bool(new[0] == running[0])
+    return new == running
 
 
 def _bound_port(site: web.TCPSite) -> int:

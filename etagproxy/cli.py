@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 from etagproxy import __version__
 from etagproxy.config import Config, ConfigError, dump_effective, load_config
+from etagproxy.logs import FORMATS, setup_logging
 
 log = logging.getLogger("etagproxy")
 
@@ -23,29 +25,40 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def _setup_logging(fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(
-            logging.Formatter('{"time":"%(asctime)s","level":"%(levelname)s","msg":%(message)r}')
-        )
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root = logging.getLogger("etagproxy")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
+def log_format_default() -> str:
+    """`--log-format` default: ETAGPROXY_LOG_FORMAT (for containers), else json."""
+    return os.environ.get("ETAGPROXY_LOG_FORMAT", "json").strip().lower() or "json"
 
 
-async def serve(config: Config, *, access_log: bool = True, ready: asyncio.Event | None = None) -> int:
-    """Run one proxy until SIGINT/SIGTERM, then drain and return 0."""
-    from etagproxy.app import ProxyServer, stdout_access_log
+async def serve(
+    config: Config,
+    *,
+    access_log: bool = True,
+    log_format: str = "json",
+    reuse_port: bool = False,
+    ready: asyncio.Event | None = None,
+) -> int:
+    """Run one proxy until SIGINT/SIGTERM, then drain and return 0.
 
-    server = ProxyServer(config, access_log=stdout_access_log if access_log else None)
+    SIGHUP reloads the routes from the config file (`ProxyServer.reload`).
+    """
+    from etagproxy.app import ProxyServer
+    from etagproxy.logs import AccessLog
+
+    writer = AccessLog(fmt=log_format) if access_log else None
+    server = ProxyServer(config, access_log=writer, reuse_port=reuse_port)
     stop = asyncio.Event()
+
+    def on_stop() -> None:
+        # Readiness fails with the signal itself, before the loop gets
+        # around to the drain.
+        server.draining = True
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     try:
         await server.start()
     except OSError as exc:
@@ -55,12 +68,15 @@ async def serve(config: Config, *, access_log: bool = True, ready: asyncio.Event
     log.info(
         "listening on %s:%d (store %s, %d routes)",
         config.listen[0], server.port, config.store.masked_url, len(config.routes),
+        extra={"fields": {"port": server.port, "admin_port": server.admin_port or None}},
     )
     if ready is not None:
         ready.set()
     await stop.wait()
     log.info("stopping: draining in-flight requests (budget %.1fs)", config.timeouts.shutdown)
     await server.stop()
+    if writer is not None:
+        writer.close()
     log.info("stopped")
     return 0
 
@@ -88,16 +104,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    _setup_logging(args.log_format)
-    import json
-
-    log.info("effective config: %s", json.dumps(dump_effective(config), separators=(",", ":")))
+    if args.workers < 1:
+        print("etagproxy: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.log_format not in FORMATS:
+        print(f"etagproxy: log format must be one of {', '.join(FORMATS)}, got {args.log_format!r}", file=sys.stderr)
+        return 2
+    setup_logging(args.log_format)
+    log.info("effective config", extra={"fields": {"config": dump_effective(config)}})
     _install_uvloop()
     if args.workers > 1:
         from etagproxy.workers import supervise
 
         return supervise(config, args)
-    return asyncio.run(serve(config, access_log=not args.no_access_log))
+    return asyncio.run(serve(config, access_log=not args.no_access_log, log_format=args.log_format))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -135,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve until SIGTERM/SIGINT")
     run.add_argument("--config", required=True, help="YAML config file")
     run.add_argument("--workers", type=int, default=1, help="processes sharing the port (needs redis)")
-    run.add_argument("--log-format", choices=("json", "text"), default="json")
+    run.add_argument(
+        "--log-format", default=log_format_default(), metavar="{json,text}",
+        help="access and operational logs as JSON lines (default) or text for people; "
+        "default from ETAGPROXY_LOG_FORMAT",
+    )
     run.add_argument("--no-access-log", action="store_true", help="do not print a line per request")
     run.set_defaults(func=cmd_run)
 

@@ -1,23 +1,78 @@
-"""Prometheus collectors, one registry per proxy instance.
+"""Prometheus collectors, one set per proxy process.
 
 Names follow Prometheus conventions: `etagproxy_` prefix, `_total` for
-counters, `_seconds` for durations. The `route` label is always the route
-template (or "-" for unmatched requests), never a raw path, so cardinality
-is bounded by the config.
+counters (prometheus-client appends it), `_seconds` for durations. The
+`route` label is always the route template (or "-" for unmatched requests),
+never a raw path, so cardinality is bounded by the config.
+
+Several workers (`run --workers N`): the admin port is shared with
+SO_REUSEPORT like the proxy port, so a scrape lands on whichever worker the
+kernel picks and every worker must answer for the whole pool. That is
+prometheus-client's multiprocess mode: the supervisor points
+PROMETHEUS_MULTIPROC_DIR at a fresh directory before it forks, each worker
+keeps its values in mmap'ed files there, and `exposition()` sums the files
+of every worker. Counters and histograms of workers that exited stay in the
+sum, so totals never go backwards across a restart; the in-flight gauge
+counts live workers only (the supervisor removes a dead worker's file).
+The supervisor itself stays a small loop with no network I/O, rather than
+owning the admin port and proxying probes to workers.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client import values as _values
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from etagproxy.store.base import Cause
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# `*_created` series double the exposition for a timestamp that process
+# start time already gives; the Prometheus text format does not need them.
+disable_created_metrics()
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 )
 
 
+def multiprocess_enabled() -> bool:
+    """Whether metric values live in shared files (a worker of a pool)."""
+    return bool(getattr(_values.ValueClass, "_multiprocess", False))
+
+
+def enable_multiprocess(path: str) -> None:
+    """Keep every metric created from now on in files under `path`.
+
+    prometheus-client picks its value class when it is first imported, from
+    the environment; a worker forked from a supervisor that imported it
+    earlier switches here instead.
+    """
+    os.environ[MULTIPROC_ENV] = path
+    if not multiprocess_enabled():
+        _values.ValueClass = _values.MultiProcessValue()
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.multiprocess = multiprocess_enabled()
+        if registry is None:
+            # In multiprocess mode the values are read back from the files,
+            # so the collectors need no registry that anyone scrapes.
+            registry = CollectorRegistry(auto_describe=True)
+        self.registry = registry
         r = self.registry
         self.requests = Counter(
             "etagproxy_requests",
@@ -79,7 +134,38 @@ class Metrics:
             "etagproxy_in_flight_requests",
             "Requests being handled right now.",
             registry=r,
+            multiprocess_mode="livesum",
         )
+        self.config_reloads = Counter(
+            "etagproxy_config_reloads",
+            "Route reloads on SIGHUP, by result (applied or rejected).",
+            ("result",),
+            registry=r,
+        )
+        # Series that exist from the start read 0 instead of being absent,
+        # so rate() and alerts work before the first event.
+        for cause in Cause:
+            self.tokens_minted.labels(cause.value)
+        for result in ("applied", "rejected"):
+            self.config_reloads.labels(result)
 
     def exposition(self) -> bytes:
+        """The Prometheus text format; a pool's totals in multiprocess mode."""
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def worker_restarts() -> Counter:
+    """The supervisor's count of workers it had to start again.
+
+    Only meaningful in multiprocess mode, where the supervisor's file is
+    summed into every worker's exposition.
+    """
+    return Counter(
+        "etagproxy_worker_restarts",
+        "Workers that exited unexpectedly and were started again.",
+        registry=None,
+    )

@@ -1,0 +1,157 @@
+"""`etagproxy run --workers N`: one port, one Redis store, pooled metrics,
+a supervisor that restarts crashed workers and forwards signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.test_ops import ProxyProcess, scrape, value, write_config
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+WORKERS = 3
+
+
+async def start_pool(processes: Any, conf: Path) -> tuple[ProxyProcess, dict[str, Any], set[int]]:
+    """Start a pool; returns it, the supervisor's record and the worker pids."""
+    pool: ProxyProcess = await processes("--config", str(conf), "--workers", str(WORKERS))
+    supervisor, = await pool.wait_for(lambda r: r.get("msg", "").startswith("supervisor"))
+    listening = await pool.wait_listening(count=WORKERS)
+    pids = {r["pid"] for r in listening}
+    assert len(pids) == WORKERS and pool.proc.pid not in pids
+    assert {r["port"] for r in listening} == {supervisor["port"]}, "every worker on the one port"
+    return pool, supervisor, pids
+
+
+async def fresh(method: str, url: str, **kw: Any) -> tuple[int, str | None, bytes]:
+    """One request on a new connection, so the kernel picks the worker anew."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        async with s.request(method, url, **kw) as r:
+            return r.status, r.headers.get("ETag"), await r.read()
+
+
+@pytest.fixture
+async def processes():
+    started: list[ProxyProcess] = []
+
+    async def start(*args: str) -> ProxyProcess:
+        p = await ProxyProcess.start(*args)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        # Workers are children of the supervisor: SIGKILL on it would leave
+        # them running, so they go first.
+        if p.proc.returncode is None:
+            for record in p.records():
+                pid = record.get("worker")
+                if isinstance(pid, int):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        await p.kill()
+
+
+async def test_workers_share_the_port_the_store_and_the_metrics(
+    processes, recording_upstream, redis_server, tmp_path
+):
+    conf = write_config(tmp_path / "c.yaml", recording_upstream.url, extra=f"store: {redis_server.url}\n")
+    pool, supervisor, pids = await start_pool(processes, conf)
+    base = f"http://127.0.0.1:{supervisor['port']}"
+    admin = f"http://127.0.0.1:{supervisor['admin_port']}"
+
+    # Read, write with that tag, read again: each on a new connection, so
+    # the three steps usually land on different workers. They agree on
+    # every token only through the shared store.
+    rounds = 15
+    status, tag, _ = await fresh("GET", base + "/api/items/1/")
+    assert status == 200 and tag
+    for i in range(rounds):
+        status, new_tag, _ = await fresh("PUT", base + "/api/items/1/", data=str(i), headers={"If-Match": tag})
+        assert status == 200 and new_tag and new_tag != tag
+        status, _, _ = await fresh("PUT", base + "/api/items/1/", data="late", headers={"If-Match": tag})
+        assert status == 412, "the old tag is stale on every worker"
+        status, read_tag, body = await fresh("GET", base + "/api/items/1/")
+        assert (status, read_tag, body) == (200, new_tag, str(i).encode())
+        tag = new_tag
+    sent = 1 + 3 * rounds
+    await pool.wait_access(sent)
+
+    # Each scrape lands on some worker; every one answers for the pool.
+    for _ in range(6):
+        _, m = await scrape(admin)
+        assert value(m, "etagproxy_requests_total") == sent
+        assert value(m, "etagproxy_precondition_outcomes_total", outcome="precondition_failed") == rounds
+        assert value(m, "etagproxy_tokens_minted_total", cause="write") == rounds
+        assert value(m, "etagproxy_in_flight_requests") == 0
+        assert value(m, "etagproxy_worker_restarts_total") == 0
+
+    pool.proc.send_signal(signal.SIGTERM)
+    assert await pool.finish() == 0
+    served_by = {json.loads(line)["pid"] for line in pool.out}
+    assert len(pool.out) == sent
+    assert len(served_by) > 1 and served_by <= pids, "the kernel spread connections across workers"
+
+
+async def test_supervisor_restarts_a_crashed_worker_and_forwards_signals(
+    processes, recording_upstream, redis_server, tmp_path
+):
+    conf = write_config(tmp_path / "c.yaml", recording_upstream.url, extra=f"store: {redis_server.url}\n")
+    pool, supervisor, pids = await start_pool(processes, conf)
+    base = f"http://127.0.0.1:{supervisor['port']}"
+    admin = f"http://127.0.0.1:{supervisor['admin_port']}"
+    for _ in range(6):
+        assert (await fresh("GET", base + "/api/open/1/"))[0] == 200
+    await pool.wait_access(6)  # flushed: a SIGKILL loses a worker's unwritten log buffer
+
+    victim = min(pids)
+    os.kill(victim, signal.SIGKILL)
+    restarted = await pool.wait_listening(count=WORKERS + 1)
+    new_pid = restarted[-1]["pid"]
+    assert new_pid not in pids
+    crash, = await pool.wait_for(lambda r: r.get("worker") == victim and "exit" in r)
+    assert crash["exit"] == "signal 9"
+    pids = pids - {victim} | {new_pid}
+
+    for _ in range(6):
+        assert (await fresh("GET", base + "/api/open/1/"))[0] == 200
+    await pool.wait_access(12)
+    _, m = await scrape(admin)
+    assert value(m, "etagproxy_worker_restarts_total") == 1
+    # The dead worker's counts stay in the totals.
+    assert value(m, "etagproxy_requests_total") == 12
+
+    # SIGHUP: the supervisor checks the file, then every worker reloads.
+    write_config(conf, recording_upstream.url, extra=f"store: {redis_server.url}\n",
+                 routes="routes:\n  - path: /api/open/{id}/\n    mode: passthrough\n")
+    pool.proc.send_signal(signal.SIGHUP)
+    reloaded = await pool.wait_for(lambda r: r.get("msg", "").startswith("routes reloaded"), count=WORKERS)
+    assert {r["pid"] for r in reloaded} == pids
+    for _ in range(6):
+        status, tag, _ = await fresh("GET", base + "/api/open/1/")
+        assert (status, tag) == (200, None), "every worker serves the new routes"
+
+    # A bad file: nobody changes routes, nothing is forwarded.
+    conf.write_text(conf.read_text() + "  - path: nope\n")
+    pool.proc.send_signal(signal.SIGHUP)
+    await pool.wait_for(lambda r: r.get("msg", "") == "reload rejected: every worker keeps its running routes")
+
+    pool.proc.send_signal(signal.SIGTERM)
+    assert await pool.finish() == 0
+    stopped = {r["pid"] for r in await pool.wait_for(lambda r: r.get("msg") == "stopped", count=WORKERS + 1)}
+    assert stopped == pids | {pool.proc.pid}
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    rejected = [r for r in pool.records() if r.get("msg", "").startswith("reload rejected") and r["pid"] in pids]
+    assert rejected == []
+
