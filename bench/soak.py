@@ -18,7 +18,7 @@ the audit found any other inconsistency.
     python bench/soak.py --duration 300 --redis-restart-every 30
 
 Redis is down for `--redis-down` seconds per restart, and after it comes
-back the proxies hold writes back for one lease (409s); docs/GUARANTEE.md
+back the proxies hold writes back for one lease (409s); README.md, "The guarantee"
 says why.
 """
 
