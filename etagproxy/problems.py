@@ -18,14 +18,18 @@ CONTENT_TYPE = "application/problem+json"
 TITLES: Mapping[int, str] = {
     400: "Bad Request",
     404: "Not Found",
+    408: "Request Timeout",
     409: "Write In Progress",
     412: "Precondition Failed",
     413: "Content Too Large",
+    417: "Expectation Failed",
     428: "Precondition Required",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
 }
 
 

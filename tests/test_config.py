@@ -1004,3 +1004,23 @@ def test_dump_effective_is_json_and_complete() -> None:
     assert dumped["routes"][0]["invalidates"] == ["/api/sites/", "/api/sites/{id}/stats/"]
     assert dumped["routes"][2]["methods"] is None
     assert set(dumped["routes"][1]) == set(RouteConfig.__dataclass_fields__)
+
+
+# --- authorize ------------------------------------------------------------------
+
+
+def test_authorize_is_none_or_upstream_on_tracked_routes() -> None:
+    config = parse_config(
+        UPSTREAM + "defaults:\n  authorize: upstream\nroutes:\n  - path: /a/\n  - path: /b/\n    authorize: none\n"
+    )
+    assert [r.authorize for r in config.routes] == ["upstream", "none"]
+    assert parse_config(UPSTREAM + "routes:\n  - path: /a/\n").routes[0].authorize == "none"
+    assert problems(UPSTREAM + "routes:\n  - path: /a/\n    authorize: always\n") == [
+        "config.yaml:4: routes[0].authorize: expected none or upstream, got 'always'"
+    ]
+    assert problems(
+        UPSTREAM + "routes:\n  - path: /s/{p:path}\n    mode: passthrough\n    authorize: upstream\n"
+    ) == [
+        "config.yaml:5: routes[0].authorize: expected no tracking settings on a passthrough route,"
+        " got 'upstream'"
+    ]
