@@ -56,6 +56,12 @@ from etagproxy.upstream import Upstream, UpstreamError, body_errors, map_body_er
 
 log = logging.getLogger("etagproxy")
 
+# Methods get their own metric label; any other token is counted as OTHER,
+# so a client cannot grow the label set.
+METRIC_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+
 READ_METHODS = frozenset({"GET", "HEAD"})
 UNTRACKED_METHODS = frozenset({"OPTIONS", "TRACE", "CONNECT"})
 CHUNK = 1 << 16
@@ -270,7 +276,8 @@ class Proxy:
         ex.status = resp.status
         if not resp.prepared:
             resp.headers["X-Request-ID"] = ex.rid
-        self.metrics.requests.labels(ex.route, ex.method, str(resp.status)).inc()
+        method = ex.method if ex.method in METRIC_METHODS else "OTHER"
+        self.metrics.requests.labels(ex.route, method, str(resp.status)).inc()
         if self.on_exchange is not None:
             self.on_exchange(ex)
         return resp
