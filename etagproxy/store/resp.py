@@ -130,6 +130,7 @@ class RespClient:
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._shas: dict[str, str] = {}
+        self._closed = False
 
     def _lost(self, proto: _Protocol) -> None:
         if self._proto is proto:
@@ -164,16 +165,21 @@ class RespClient:
         proto = self._proto
         if proto is not None and not proto.lost:
             return proto
-        # One connect at a time; concurrent callers share it.
+        if self._closed:
+            raise RespError("client closed")
+        # One connect at a time, shared by concurrent callers; shielded so a
+        # caller's timeout cannot orphan a connection that did open.
         if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._connect())
-            connecting = self._connecting
-            try:
-                self._proto = await asyncio.shield(connecting)
-            finally:
-                self._connecting = None
-            return self._proto
+            self._connecting = asyncio.ensure_future(self._connect_and_keep())
         return await asyncio.shield(self._connecting)
+
+    async def _connect_and_keep(self) -> _Protocol:
+        try:
+            proto = await self._connect()
+            self._proto = proto
+            return proto
+        finally:
+            self._connecting = None
 
     @staticmethod
     def _send(proto: _Protocol, args: Sequence[bytes | str | int | float]) -> asyncio.Future[object]:
@@ -204,6 +210,7 @@ class RespClient:
         return await self.execute("EVAL", script, len(keys), *keys, *args)
 
     async def close(self) -> None:
+        self._closed = True
         proto, self._proto = self._proto, None
         if proto is not None and proto.transport is not None:
             proto.transport.close()

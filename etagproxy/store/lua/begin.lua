@@ -36,10 +36,11 @@ end
 -- epoch change begins no write until one lease has passed since the start.
 -- (A caller whose first contact is the new epoch cannot tell a restart from
 -- a fresh deployment, and is not fenced: no write of its own can be old.)
+-- A precondition that fails now fails whatever the old write does, so it is
+-- still answered at once (below); only a write that would go ahead waits.
 local restarted = (ARGV[10] ~= '' and ARGV[10] ~= rid) or ARGV[11] == rid
-if restarted and uptime < tonumber(ARGV[2]) then
-  return reply('busy', tonumber(ARGV[2]) - uptime, current(r, rid))
-end
+local fence_ms = 0
+if restarted and uptime < tonumber(ARGV[2]) then fence_ms = tonumber(ARGV[2]) - uptime end
 if r.s == 'p' then
   local left = tonumber(r.l) - now
   if left > 0 then return reply('busy', left, current(r, rid)) end
@@ -68,6 +69,7 @@ if ok and inm ~= '' and exists then
   if inm == '*' or inm_tokens[cur.t] then ok = false end
 end
 if not ok then return reply('failed', 0, cur) end
+if fence_ms > 0 then return reply('busy', fence_ms, cur) end
 
 if not cur then redis.call('DEL', key) end
 redis.call('HSET', key, 's', 'p', 'o', owner, 'n', ARGV[5], 'l', now + tonumber(ARGV[2]))
