@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import calendar
 import datetime
+import functools
 import math
 import re
 import time
@@ -100,7 +101,18 @@ def _to_seconds(year: int, month: int, day: str, hour: str, minute: str, second:
     return calendar.timegm((year, month, int(day), int(hour), int(minute), int(second), 0, 0, 0))
 
 
+@functools.lru_cache(maxsize=1024)
+def _format_second(second: int) -> str:
+    return _format_http_date(second)
+
+
 def format_http_date(seconds: float) -> str:
+    """IMF-fixdate for `seconds` (cached per whole second: the same few
+    mint times are formatted on every read of a hot resource)."""
+    return _format_second(math.floor(seconds))
+
+
+def _format_http_date(seconds: float) -> str:
     """IMF-fixdate for `seconds` since the epoch (fraction dropped), e.g. for Last-Modified.
 
     Spelled out by hand rather than with `strftime`, whose day and month

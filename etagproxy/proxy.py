@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -221,6 +222,7 @@ class Proxy:
         self.on_exchange = on_exchange
         self.trusted = hdr.TrustedProxies(config.trusted_proxies)
         self.tasks: set[asyncio.Task[object]] = set()
+        self._children: dict[tuple[int, tuple[object, ...]], Any] = {}
         self.selected: OrderedDict[tuple[str, str], Selected] = OrderedDict()
         t = config.timeouts
         # The lease outlives the upstream deadline by the time BEGIN's answer
@@ -247,7 +249,17 @@ class Proxy:
         finally:
             dt = time.perf_counter() - t0
             ex.store_ms += dt * 1000
-            self.metrics.store_latency.labels(op).observe(dt)
+            self._labelled(self.metrics.store_latency, op).observe(dt)
+
+    def _labelled(self, metric: Any, *values: object) -> Any:
+        """`metric.labels(*values)`, memoised: the label sets are bounded
+        (route templates, methods, statuses) and `labels()` costs a few
+        microseconds per call on the hot path."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*(str(v) for v in values))
+        return child
 
     def _minted(self, cause: Cause | None) -> None:
         if cause is not None:
@@ -277,7 +289,7 @@ class Proxy:
         if not resp.prepared:
             resp.headers["X-Request-ID"] = ex.rid
         method = ex.method if ex.method in METRIC_METHODS else "OTHER"
-        self.metrics.requests.labels(ex.route, method, str(resp.status)).inc()
+        self._labelled(self.metrics.requests, ex.route, method, resp.status).inc()
         if self.on_exchange is not None:
             self.on_exchange(ex)
         return resp
@@ -429,7 +441,7 @@ class Proxy:
         dt = time.perf_counter() - t0
         ex.upstream_ms = dt * 1000
         ex.upstream_status = status
-        self.metrics.upstream_latency.labels(ex.route).observe(dt)
+        self._labelled(self.metrics.upstream_latency, ex.route).observe(dt)
 
     # -- read ----------------------------------------------------------------------
 
