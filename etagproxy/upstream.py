@@ -509,11 +509,9 @@ class Upstream:
                     raise
             assert conn is not None
             yield UpstreamResponse(conn, method == "HEAD")
-        except UpstreamError:
-            if conn is not None:
-                conn.close()
-            raise
         except BaseException:
+            # Failed, cancelled, or the consumer raised: the connection is in
+            # an unknown state and is never reused.
             if conn is not None:
                 conn.close()
             raise
