@@ -332,8 +332,12 @@ class _Connection(asyncio.Protocol):
     async def read_chunk(self) -> bytes:
         while True:
             if self.body:
-                chunk = self.body.popleft()
-                self._buffered -= len(chunk)
+                # Everything buffered so far, as one piece: one write (one
+                # system call) downstream instead of one per parser callback.
+                body = self.body
+                chunk = body.popleft() if len(body) == 1 else b"".join(body)
+                body.clear()
+                self._buffered = 0
                 if self._paused and self._buffered <= HIGH_WATER // 2 and self.transport is not None:
                     self._paused = False
                     self.transport.resume_reading()
