@@ -346,7 +346,9 @@ class StoreContract:
         assert v1 is not None and v1.token != v0.token and v1.exists
         assert (await store.observe(key)).version == v1
         assert await store.fingerprint(key, v0.token, "digest-2") is None
-        assert await store.fingerprint(key, v1.token, "digest-2") == v1
+        # The disagreeing digest is no baseline: the next read under v1 sets it.
+        assert await store.fingerprint(key, v1.token, "digest-1") == v1
+        assert await store.fingerprint(key, v1.token, "digest-2") != v1
         await store.begin(key, NO_PRECONDITION, "w", HELD_MS, 0)
         assert await store.fingerprint(key, v1.token, "digest-3") is None
         assert await store.fingerprint(fresh_key(), v1.token, "digest-3") is None

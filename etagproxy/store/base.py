@@ -239,8 +239,10 @@ class VersionStore(Protocol):
     async def fingerprint(self, key: str, token: str, digest: str) -> Version | None:
         """Reads of a `fingerprint` route: if `key` is committed at `token`
         and its recorded body digest differs from `digest` (and one was
-        recorded), mint a new token; record `digest`. Returns the version to
-        send, or None if the key moved on meanwhile."""
+        recorded), mint a new token and forget the digest; otherwise record
+        `digest`. Returns the version now committed (a new token means the
+        caller's body must go out without ETag), or None if the key moved on
+        meanwhile."""
         ...
 
     async def get_replay(self, key: str, idem: str) -> Replay | None:

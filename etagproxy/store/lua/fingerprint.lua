@@ -4,14 +4,19 @@
 -- KEYS[1]  resource key
 -- ARGV[1]  token the read was served under      ARGV[2]  body digest
 -- ARGV[3]  fresh token        ARGV[4]  committed-version TTL, ms
--- Returns {token, minted_ms, exists, epoch} to send, or nil if the key
--- moved on (other token, pending, absent, other epoch).
+-- Returns {token, minted_ms, exists, epoch}: the version after the check
+-- (a new one if this call minted), or nil if the key moved on (other token,
+-- pending, absent, other epoch). A minted version gets no digest: reads may
+-- finish out of order, so the body that disagreed is not a baseline, and
+-- the read that carried it must not get the new token (the caller sends
+-- no ETag when the token changed).
 local now, rid = now_ms(), run_id()
 local key = KEYS[1]
 local r = read_key(key)
 if r.s ~= 'c' or r.e ~= rid or r.t ~= ARGV[1] then return nil end
 if r.d and r.d ~= ARGV[2] then
   r = commit(key, rid, ARGV[3], now, '1', ARGV[4])
+  return {r.t, r.m, r.x, r.e}
 end
 redis.call('HSET', key, 'd', ARGV[2])
 return {r.t, r.m, r.x, r.e}
