@@ -677,13 +677,21 @@ class Proxy:
                 ex, "begin", self.store.begin(match.key, wcond, owner, self.lease_ms, self.wait_ms)
             )
         except StoreError:
+            if cfg.on_store_error == "fail_open":
+                ex.decision = "store_unavailable_open"
+                try:
+                    return await self._forward_unchecked(request, ex, target, match, headers, body)
+                finally:
+                    # The write went through unchecked: once the store
+                    # answers again, every token it may have outdated must go
+                    # (after the forward, so no reader pairs a new token with
+                    # an old body).
+                    self.spawn(self._release_unanswered(match.key, owner, Outcome.UNKNOWN,
+                                                        [match.key, *self.router.invalidation_keys(match)]))
             # BEGIN may have run even though its answer never came: give the
             # lease back (nothing was forwarded) rather than leave the key
             # locked until its deadline.
             self.spawn(self._release_unanswered(match.key, owner))
-            if cfg.on_store_error == "fail_open":
-                ex.decision = "store_unavailable_open"
-                return await self._forward_unchecked(request, ex, target, match, headers, body)
             ex.decision = "store_unavailable"
             return problem(
                 503, "store-unavailable",
@@ -703,20 +711,31 @@ class Proxy:
             return await self._precondition_failed(request, ex, target, match, cond, body, begun.current)  # type: ignore[attr-defined]
         return await self._forward_write(request, ex, target, match, headers, body, owner, cond)
 
-    async def _release_unanswered(self, key: str, owner: str) -> None:
-        """END(REJECTED) for a BEGIN whose reply was lost. The store may run
-        the two out of order (different connections), so try a few times
-        over 1.5 s; END touches the key only if `owner` holds it."""
+    async def _release_unanswered(
+        self, key: str, owner: str, outcome: Outcome = Outcome.REJECTED, mint: list[str] | None = None
+    ) -> None:
+        """END(`outcome`) for a BEGIN whose reply was lost, then mint new
+        tokens for `mint`. The store may run BEGIN and END out of order
+        (different connections), so END is tried a few times over 1.5 s; it
+        touches the key only if `owner` holds it."""
         delay = 0.05
         for _ in range(5):
             try:
-                result = await self.store.end(key, owner, Outcome.REJECTED)
+                result = await self.store.end(key, owner, outcome)
                 if not result.lease_lost:
-                    return
+                    break
             except StoreError:
                 pass
             await asyncio.sleep(delay)  # backoff between retries, not a guess at an event
             delay *= 2
+        if mint:
+            for _ in range(5):
+                try:
+                    await self.store.invalidate(mint)
+                    return
+                except StoreError:
+                    await asyncio.sleep(delay)
+                    delay *= 2
 
     def _replay_fingerprint(self, request: web.BaseRequest, cond: Conditionals, body: bytes) -> str:
         h = hashlib.blake2b(digest_size=16, person=b"etagproxy-rply")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
 from etagproxy.config import parse_store_url
@@ -69,14 +71,24 @@ async def test_a_store_slower_than_its_timeout_counts_as_down(make_proxy, record
         async with aiohttp.ClientSession() as s:
             async with s.get(proxy.url + "/items/1") as r:
                 tag = r.headers["ETag"]
+            async with s.get(proxy.url + "/open/1") as r:
+                open_tag = r.headers["ETag"]
             # Every command now waits up to 1.5 s: far past timeouts.store.
             redis_server.command("CLIENT", "PAUSE", "1500", "ALL")
+            async with s.put(proxy.url + "/open/1", data=b"unchecked") as r:
+                assert r.status == 200 and "ETag" not in r.headers
             async with s.put(proxy.url + "/items/1", data=b"x", headers={"If-Match": tag}) as r:
                 assert r.status == 503
             async with s.get(proxy.url + "/items/1") as r:
                 assert r.status == 200 and "ETag" not in r.headers
-            assert recording_upstream.writes() == []
+            assert [w.body for w in recording_upstream.writes()] == [b"unchecked"]
             redis_server.command("CLIENT", "UNPAUSE")
+            # The proxy settles what it could not record: the lease of the
+            # BEGIN whose answer was lost, and the token the unchecked write
+            # outdated.
+            await asyncio.wait(set(proxy.server.proxy.tasks))
+            async with s.put(proxy.url + "/open/1", data=b"stale", headers={"If-Match": open_tag}) as r:
+                assert r.status == 412, "the unchecked write must have outdated the old token"
             async with s.put(proxy.url + "/items/1", data=b"x", headers={"If-Match": tag}) as r:
                 assert r.status == 200, "back to normal once the store answers in time"
     finally:
