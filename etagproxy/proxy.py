@@ -630,7 +630,9 @@ class Proxy:
         chunks: list[bytes] = []
         size = 0
         async with asyncio.timeout(self.config.timeouts.body_read):
-            async for chunk in request.content.iter_chunked(CHUNK):
+            # client_chunks turns a client that hangs up mid-body into a
+            # ClientBodyError (400), not an internal error.
+            async for chunk in client_chunks(request, CHUNK, self.config.timeouts.body_read):
                 size += len(chunk)
                 if size > limit:
                     raise BodyTooLarge

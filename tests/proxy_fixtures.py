@@ -97,11 +97,23 @@ async def recording_upstream() -> AsyncIterator[RecordingUpstream]:
     await runner.cleanup()
 
 
+class Exchanges(list[Exchange]):
+    """The proxy's access-log records; `logged` is set on each new one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged = asyncio.Event()
+
+    def append(self, ex: Exchange) -> None:
+        super().append(ex)
+        self.logged.set()
+
+
 @dataclass
 class ProxyHandle:
     server: ProxyServer
     url: str
-    exchanges: list[Exchange]
+    exchanges: Exchanges
 
     @property
     def admin_url(self) -> str:
@@ -119,7 +131,7 @@ async def make_proxy() -> AsyncIterator[Callable[..., Awaitable[ProxyHandle]]]:
         if "listen:" not in text:
             text = "listen: 127.0.0.1:0\n" + text
         config = parse_config(text, filename="test.yaml")
-        exchanges: list[Exchange] = []
+        exchanges = Exchanges()
         server = ProxyServer(config, store=store, access_log=exchanges.append)
         await server.start()
         started.append(server)

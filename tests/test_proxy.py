@@ -400,3 +400,17 @@ async def raw_exchange(url: str, request: bytes) -> tuple[int, list[tuple[str, s
         return status, headers, body
     finally:
         writer.close()
+
+
+async def test_a_client_hanging_up_mid_body_is_not_an_internal_error(proxy, recording_upstream):
+    host, port = proxy.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"PUT /api/sites/1/ HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    # The proxy logs the exchange once it has given up on the body.
+    await asyncio.wait_for(proxy.exchanges.logged.wait(), 10)
+    (ex,) = proxy.exchanges
+    assert ex.status == 400 and ex.error == "client-body"
+    assert recording_upstream.writes() == []
