@@ -149,12 +149,13 @@ def upstream_request_headers(
     via_value = f"1.1 {via}"
     out["Via"] = via_value if prior_via is None else f"{prior_via}, {via_value}"
     if peer:
-        xff = out.get("X-Forwarded-For")
+        # Several field lines of a list header are one list (RFC 9110 §5.3).
+        xff = ", ".join(out.getall("X-Forwarded-For", ()))
         out["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
         node = f"for={_forwarded_node(peer)};proto={proto}"
         if host:
             node += f';host="{host}"'
-        fwd = out.get("Forwarded")
+        fwd = ", ".join(out.getall("Forwarded", ()))
         out["Forwarded"] = f"{fwd}, {node}" if fwd else node
     out.setdefault("X-Forwarded-Proto", proto)
     if host:

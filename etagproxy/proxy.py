@@ -227,7 +227,11 @@ class Proxy:
         t = config.timeouts
         # The lease outlives the upstream deadline by the time BEGIN's answer
         # and END's request can take (DESIGN §2.3: strictly shorter).
-        self.lease_ms = int((t.upstream + 2 * t.store + 1.0) * 1000)
+        # With min_replicas, BEGIN's answer can take min_replicas_timeout more.
+        self.lease_ms = int(
+            (t.upstream + 2 * t.store + config.store.min_replicas_timeout * (config.store.min_replicas > 0) + 1.0)
+            * 1000
+        )
         self.wait_ms = int(t.write_wait * 1000)
         self.retry_after = str(max(1, int(t.write_wait + 0.999)))
 
@@ -906,7 +910,10 @@ class Proxy:
                         # 2xx headers arrived: the change was applied.
                         resp_body = None
                         ex.error = map_body_error(exc).kind
-                exists = request.method != "DELETE"
+                # A DELETE that may or may not have landed leaves the resource
+                # "existing": `If-None-Match: *` then refuses a create (412)
+                # rather than risk overwriting a resource that is still there.
+                exists = not (request.method == "DELETE" and outcome is Outcome.SUCCESS)
                 ended = True
                 committed = await self._end(ex, match.key, owner, outcome, exists=exists)
                 ex.decision = ex.decision or outcome.value

@@ -414,3 +414,39 @@ async def test_a_client_hanging_up_mid_body_is_not_an_internal_error(proxy, reco
     (ex,) = proxy.exchanges
     assert ex.status == 400 and ex.error == "client-body"
     assert recording_upstream.writes() == []
+
+
+async def test_a_delete_with_unknown_outcome_does_not_open_create_only_writes(make_proxy, recording_upstream):
+    async def respond(request: web.BaseRequest, body: bytes) -> web.Response:
+        if request.method == "DELETE":
+            return web.Response(status=502, text="upstream of the upstream broke")
+        return await recording_upstream.default(request, body)
+
+    recording_upstream.respond = respond
+    proxy = await make_proxy(cfg(), upstream=recording_upstream.url)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.url + "/api/sites/1/") as r:
+            assert r.status == 200
+        async with s.delete(proxy.url + "/api/sites/1/") as r:
+            assert r.status == 502 and "ETag" not in r.headers
+        # The DELETE may not have happened: a create-only PUT must not be
+        # allowed to overwrite a resource that may still be there.
+        async with s.put(proxy.url + "/api/sites/1/", data=b"{}", headers={"If-None-Match": "*"}) as r:
+            assert r.status == 412
+
+
+async def test_forwarding_lists_from_a_trusted_proxy_keep_every_line(make_proxy, recording_upstream):
+    proxy = await make_proxy(
+        "upstream: {upstream}\ntrusted_proxies: [127.0.0.1]\n", upstream=recording_upstream.url
+    )
+    raw = (
+        b"GET /x HTTP/1.1\r\nHost: h\r\n"
+        b"X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\n"
+        b"Forwarded: for=10.0.0.1\r\nForwarded: for=10.0.0.2\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    status, _, _ = await raw_exchange(proxy.url, raw)
+    assert status == 200
+    (seen,) = recording_upstream.requests
+    assert seen.headers_named("X-Forwarded-For") == ["10.0.0.1, 10.0.0.2, 127.0.0.1"]
+    assert seen.headers_named("Forwarded") == ['for=10.0.0.1, for=10.0.0.2, for=127.0.0.1;proto=http;host="h"']

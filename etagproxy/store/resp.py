@@ -138,6 +138,7 @@ class RespClient:
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        proto: _Protocol | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, proto = await loop.create_connection(
@@ -154,11 +155,12 @@ class RespClient:
                     setup.append(["SELECT", self._db])
                 for cmd in setup:
                     await self._send(proto, cmd)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ReplyError) as exc:
+            if proto is not None and proto.transport is not None:
+                proto.transport.close()  # opened, but AUTH/SELECT failed or took too long
+            if isinstance(exc, ReplyError):
+                raise RespError(f"{self.host}:{self.port} refused the connection setup: {exc}") from exc
             raise RespError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
-        except ReplyError as exc:
-            proto.transport.close() if proto.transport else None  # type: ignore[union-attr]
-            raise RespError(f"{self.host}:{self.port} refused the connection setup: {exc}") from exc
         return proto
 
     async def _conn(self) -> _Protocol:
