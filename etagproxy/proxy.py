@@ -411,11 +411,13 @@ class Proxy:
 
     def _send(
         self, match: Match | None, target: Target, method: str, headers: CIMultiDict[str],
-        body: bytes | AsyncIterator[bytes] | None,
+        body: bytes | AsyncIterator[bytes] | None, *, whole: bool = False,
     ) -> object:
         base = match.route.config.upstream if match is not None else self.config.upstream
         url = self.upstream.url(base or self.config.upstream, target.raw)
-        return self.upstream.request(method, url, headers, body, timeout=self.config.timeouts.upstream)
+        return self.upstream.request(
+            method, url, headers, body, timeout=self.config.timeouts.upstream, whole=whole
+        )
 
     # -- plain -------------------------------------------------------------------
 
@@ -852,7 +854,7 @@ class Proxy:
     ) -> web.StreamResponse:
         t0 = time.perf_counter()
         try:
-            async with self._send(match, target, request.method, headers, body) as up:  # type: ignore[attr-defined]
+            async with self._send(match, target, request.method, headers, body, whole=True) as up:  # type: ignore[attr-defined]
                 self._upstream_timing(ex, t0, up.status)
                 out = hdr.response_headers(up.raw_headers, drop=RESPONSE_DROP_TRACKED, via=self.config.via, rid=ex.rid)
                 return await self._relay(request, ex, up, out)
@@ -888,7 +890,7 @@ class Proxy:
         ended = False
         t0 = time.perf_counter()
         try:
-            async with self._send(match, target, request.method, headers, body) as up:  # type: ignore[attr-defined]
+            async with self._send(match, target, request.method, headers, body, whole=True) as up:  # type: ignore[attr-defined]
                 self._upstream_timing(ex, t0, up.status)
                 status = up.status
                 if 200 <= status < 300:

@@ -171,6 +171,8 @@ class _Connection(asyncio.Protocol):
         self.message_complete = False
         self.keep_alive = False
         self._error: BaseException | None = None
+        self.idle: float | None = None
+        """Longest wait for the next piece of body, once the deadline is off."""
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -291,7 +293,16 @@ class _Connection(asyncio.Protocol):
             raise self._error
         self._waiter = self.loop.create_future()
         try:
-            await self._waiter
+            if self.idle is None:
+                await self._waiter
+                return
+            try:
+                async with asyncio.timeout(self.idle):
+                    await self._waiter
+            except TimeoutError:
+                stalled = UpstreamTimeout("the upstream body stalled")
+                self._fail(stalled)
+                raise stalled from None
         finally:
             self._waiter = None
 
@@ -309,6 +320,7 @@ class _Connection(asyncio.Protocol):
         self.message_complete = False
         self.keep_alive = False
         self._error = None
+        self.idle = None
 
     async def write(self, data: bytes) -> None:
         if self.closed or self.transport is None:
@@ -477,11 +489,15 @@ class Upstream:
         body: bytes | AsyncIterable[bytes] | None,
         *,
         timeout: float,
+        whole: bool = True,
     ) -> AsyncIterator[UpstreamResponse]:
         """Send one request; yield its response once the headers are in.
 
-        `timeout` bounds the whole exchange, body included: when it passes
-        the connection is aborted and the reader gets UpstreamTimeout.
+        `timeout` bounds the exchange up to the response headers; with
+        `whole` it bounds the body too (writes: the lease must outlast the
+        exchange), else it bounds each wait for the next piece of body, so a
+        long download that keeps flowing is not cut off. When it passes the
+        connection is aborted and the reader gets UpstreamTimeout.
         """
         origin, target = url
         loop = asyncio.get_running_loop()
@@ -512,6 +528,11 @@ class Upstream:
                         continue
                     raise
             assert conn is not None
+            if not whole:
+                assert timer is not None
+                timer.cancel()
+                timer = None
+                conn.idle = timeout
             yield UpstreamResponse(conn, method == "HEAD")
         except BaseException:
             # Failed, cancelled, or the consumer raised: the connection is in

@@ -282,3 +282,38 @@ async def test_an_abandoned_body_closes_the_connection(scripted, client):
         await resp.read(10)
     assert (await fetch(client, srv.base))[2] == b"x" * 4_000_000
     assert srv.connections == 2
+
+
+async def test_without_whole_the_deadline_bounds_each_gap_not_the_download(scripted, client):
+    """A body that keeps flowing outlives `timeout`; one that stalls for
+    longer than `timeout` between pieces is cut off."""
+    go_on = asyncio.Event()
+
+    async def script(reader, writer, n):
+        await srv.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n")
+        for _ in range(8):
+            writer.write(b"x")
+            await writer.drain()
+            if n == 1:
+                # Paced by the reader: each piece waits until the previous
+                # one arrived, and the whole takes several `timeout`s.
+                await asyncio.wait_for(go_on.wait(), 5)
+                go_on.clear()
+            else:
+                await asyncio.Event().wait()  # stall forever after the first byte
+
+    srv = await scripted(script)
+    loop = asyncio.get_running_loop()
+    got = b""
+    start = loop.time()
+    async with client.request("GET", client.url(srv.base, "/"), CIMultiDict(), None, timeout=0.2, whole=False) as resp:
+        async for chunk in resp.iter_chunks():
+            got += chunk
+            await asyncio.sleep(0.05)  # a slow consumer: the download lasts longer than the deadline
+            go_on.set()
+    assert got == b"x" * 8
+    assert loop.time() - start > 0.2
+    with pytest.raises(UpstreamTimeout):
+        async with client.request("GET", client.url(srv.base, "/"), CIMultiDict(), None, timeout=0.2, whole=False) as resp:
+            await resp.read()
