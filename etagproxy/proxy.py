@@ -67,6 +67,7 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 UNTRACKED_METHODS = frozenset({"OPTIONS", "TRACE", "CONNECT"})
 CHUNK = 1 << 16
 DRAIN_LIMIT = 1 << 16  # bodies up to this size are read to keep a connection
+REPLAY_MAX = 1 << 20  # write responses up to this size are recorded for Idempotency-Key replays
 
 # RFC 9110 §15.4.5: a 304 carries these fields when a 200 would have.
 NOT_MODIFIED_FIELDS = ("Cache-Control", "Content-Location", "Date", "Expires", "Vary")
@@ -706,6 +707,10 @@ class Proxy:
                 "The version store is unavailable, so the write was not forwarded. Retry later.",
                 headers=(("Retry-After", "1"),),
             )
+        except asyncio.CancelledError:
+            # Shut down mid-BEGIN: it may have taken the lease; give it back.
+            self.spawn(self._release_unanswered(match.key, owner))
+            raise
         self.metrics.lease_wait.observe(begun.waited_ms / 1000)  # type: ignore[attr-defined]
         if begun.status is BeginStatus.BUSY:  # type: ignore[attr-defined]
             ex.decision = "busy"
@@ -905,9 +910,13 @@ class Proxy:
                 resp_body: bytes | None = None
                 replay = None
                 idem = self._idempotency_key(request) if cfg.replay_ttl > 0 else None
+                more = False
                 if outcome is Outcome.SUCCESS and idem is not None and request.method != "HEAD":
                     try:
-                        resp_body, _ = await up.read()
+                        # Recorded for replay only if small; a larger body
+                        # streams on unrecorded.
+                        resp_body, complete = await up.read(REPLAY_MAX)
+                        more = not complete
                     except body_errors() as exc:
                         # 2xx headers arrived: the change was applied.
                         resp_body = None
@@ -934,7 +943,7 @@ class Proxy:
                         out["ETag"] = str(make_etag(version.token))
                         if dated:
                             out["Last-Modified"] = format_http_date(version.minted_ms // 1000)
-                    if idem is not None and resp_body is not None:
+                    if idem is not None and resp_body is not None and not more:
                         replay = Replay(
                             self._replay_fingerprint(request, cond, body),
                             status,
@@ -942,7 +951,7 @@ class Proxy:
                             resp_body,
                         )
                         await self._store_replay(ex, match.key, idem, replay, cfg)
-                return await self._relay(request, ex, up, out, body=resp_body)
+                return await self._relay(request, ex, up, out, body=resp_body, more=more)
         except UpstreamError as exc:
             if not ended:
                 ended = True
@@ -1007,6 +1016,9 @@ class Proxy:
                 ex, "begin", self.store.begin(created.key, WriteCondition(), owner, self.lease_ms, 0)
             )
         except StoreError:
+            # The created key may be leased without our knowing: release it
+            # as an unknown outcome, which mints (the resource is new).
+            self.spawn(self._release_unanswered(created.key, owner, Outcome.UNKNOWN))
             return None
         if begun.status is not BeginStatus.OK:  # type: ignore[attr-defined]
             return None

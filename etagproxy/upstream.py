@@ -42,7 +42,6 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # PUT and DELETE are idempotent by definition (RFC 9110 §9.2.2) but a retry
 # of a write would still be a second write as far as the version store is
 # concerned; only reads are retried.
@@ -142,10 +141,6 @@ class UpstreamResponse:
             parts.append(chunk)
             size += len(chunk)
         return b"".join(parts), False
-
-    @property
-    def complete(self) -> bool:
-        return self._conn.message_complete and not self._conn.body
 
 
 class _Connection(asyncio.Protocol):
@@ -265,9 +260,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if not self.headers_complete:
-            return  # end of an interim 1xx message
-        assert self._parser is not None
+        if not self.headers_complete or self._parser is None:
+            return  # end of an interim 1xx message, or of a HEAD response already done
         self.keep_alive = self._parser.should_keep_alive()
         self.message_complete = True
         self._wake()
@@ -350,7 +344,7 @@ class _Connection(asyncio.Protocol):
                 chunk = body.popleft() if len(body) == 1 else b"".join(body)
                 body.clear()
                 self._buffered = 0
-                if self._paused and self._buffered <= HIGH_WATER // 2 and self.transport is not None:
+                if self._paused and self.transport is not None:
                     self._paused = False
                     self.transport.resume_reading()
                 return chunk

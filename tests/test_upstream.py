@@ -317,3 +317,18 @@ async def test_without_whole_the_deadline_bounds_each_gap_not_the_download(scrip
     with pytest.raises(UpstreamTimeout):
         async with client.request("GET", client.url(srv.base, "/"), CIMultiDict(), None, timeout=0.2, whole=False) as resp:
             await resp.read()
+
+
+async def test_a_head_answered_with_content_length_0_keeps_the_connection(scripted, client):
+    async def script(reader, writer, n):
+        while True:
+            req = await srv.read_request(reader)
+            if req.startswith(b"HEAD"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            else:
+                writer.write(ok(b"after"))
+
+    srv = await scripted(script)
+    assert (await fetch(client, srv.base, "HEAD"))[0] == 200
+    assert (await fetch(client, srv.base))[2] == b"after"
+    assert srv.connections == 1
