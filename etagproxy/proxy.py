@@ -183,13 +183,15 @@ def representation_variant(qpart: str, up_headers: CIMultiDict[str] | object) ->
     Accept (`Vary`); the content coding always counts.
     """
     get = up_headers.get  # type: ignore[attr-defined]
+    getall = up_headers.getall  # type: ignore[attr-defined]
     parts = [qpart] if qpart else []
-    vary = get("Vary")
+    # List fields may come as several lines (RFC 9110 §5.3).
+    vary = ", ".join(getall("Vary", ()))
     if vary:
         fields = {f.strip().lower() for f in vary.split(",")}
         if "accept" in fields or "*" in fields:
             parts.append("t" + _short_hash(get("Content-Type", ""), 3))
-    coding = get("Content-Encoding")
+    coding = ", ".join(getall("Content-Encoding", ()))
     if coding:
         codings = [c.strip().lower() for c in coding.split(",") if c.strip()]
         codings = [c for c in codings if c != "identity"]
@@ -513,7 +515,9 @@ class Proxy:
                         await self._timed_store(ex, "confirm", self.store.confirm(match.key, version.token))
                     except StoreError:
                         pass
-                if reader is not None:
+                if reader is not None and not obs.reader_seen:
+                    # (Once seen, the record stands until its TTL; the next
+                    # read after that records it again.)
                     self.spawn(self._record_reader(match.key, reader, cfg))
                 tag = make_etag(version.token, representation_variant(qpart, up.headers))
                 if cfg.short_circuit:
