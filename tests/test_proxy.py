@@ -450,3 +450,36 @@ async def test_forwarding_lists_from_a_trusted_proxy_keep_every_line(make_proxy,
     (seen,) = recording_upstream.requests
     assert seen.headers_named("X-Forwarded-For") == ["10.0.0.1, 10.0.0.2, 127.0.0.1"]
     assert seen.headers_named("Forwarded") == ['for=10.0.0.1, for=10.0.0.2, for=127.0.0.1;proto=http;host="h"']
+
+
+async def test_several_vary_lines_all_count_for_the_representation_tag(make_proxy, recording_upstream):
+    async def respond(request: web.BaseRequest, body: bytes) -> web.Response:
+        kind = "application/xml" if "xml" in request.headers.get("Accept", "") else "application/json"
+        resp = web.Response(body=b"<x/>" if "xml" in kind else b"{}", headers={"Content-Type": kind})
+        resp.headers.add("Vary", "Origin")
+        resp.headers.add("Vary", "Accept")
+        return resp
+
+    recording_upstream.respond = respond
+    proxy = await make_proxy(cfg(), upstream=recording_upstream.url)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.url + "/api/sites/1/", headers={"Accept": "application/json"}) as r:
+            as_json = r.headers["ETag"]
+        async with s.get(proxy.url + "/api/sites/1/", headers={"Accept": "application/xml"}) as r:
+            as_xml = r.headers["ETag"]
+    assert as_json != as_xml, "two content types of one version share a strong tag"
+
+
+def test_the_lease_outlasts_the_upstream_deadline_and_the_replica_wait():
+    from etagproxy.config import parse_config
+    from etagproxy.proxy import Proxy
+
+    plain = parse_config("upstream: http://127.0.0.1:1\ntimeouts: {upstream: 5s, store: 200ms}\n")
+    replicated = parse_config(
+        "upstream: http://127.0.0.1:1\ntimeouts: {upstream: 5s, store: 200ms}\n"
+        "store: {url: 'redis://127.0.0.1:1/0', min_replicas: 1, min_replicas_timeout: 3s}\n"
+    )
+    lease = Proxy(plain, None, None, None, None).lease_ms  # type: ignore[arg-type]
+    assert lease > 5000 + 2 * 200
+    lease_wait = Proxy(replicated, None, None, None, None).lease_ms  # type: ignore[arg-type]
+    assert lease_wait >= lease + 3000
