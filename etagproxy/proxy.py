@@ -371,14 +371,12 @@ class Proxy:
         `body` if it was read already (`more`: only its start was read)."""
         status = up.status  # type: ignore[attr-defined]
         resp = web.StreamResponse(status=status, reason=up.reason, headers=headers)  # type: ignore[attr-defined]
-        length = up.headers.get("Content-Length")  # type: ignore[attr-defined]
+        length = up.content_length  # type: ignore[attr-defined]
         no_body = request.method == "HEAD" or status in (204, 304) or status < 200
         if body is not None and not more:
             resp.content_length = len(body)
-        elif length is not None and length.isdigit():
-            resp.content_length = int(length)
-        elif no_body:
-            pass
+        elif length is not None:
+            resp.content_length = length
         await resp.prepare(request)
         if no_body and body is None:
             await resp.write_eof()
@@ -499,7 +497,7 @@ class Proxy:
                 # content coding is hashed: the others differ in bytes by
                 # nature (and gzip output need not be stable), and one digest
                 # per key would flip between them, minting on every read.
-                coding = up.headers.get("Content-Encoding", "identity").strip().lower()
+                coding = out.get("Content-Encoding", "identity").strip().lower()
                 if (
                     cfg.fingerprint and request.method == "GET" and up.status == 200
                     and not qpart and coding == "identity"
@@ -519,7 +517,7 @@ class Proxy:
                     # (Once seen, the record stands until its TTL; the next
                     # read after that records it again.)
                     self.spawn(self._record_reader(match.key, reader, cfg))
-                tag = make_etag(version.token, representation_variant(qpart, up.headers))
+                tag = make_etag(version.token, representation_variant(qpart, out))
                 if cfg.short_circuit:
                     self._remember(ex.key, tag, Selected.of(qpart, request.headers, out))
                 last_modified = version.minted_ms // 1000 if cfg.last_modified else None
@@ -604,8 +602,8 @@ class Proxy:
         larger body is not fingerprinted and streams on), and the version.
         """
         limit = self.config.limits.fingerprint_max
-        length = up.headers.get("Content-Length")  # type: ignore[attr-defined]
-        if length is not None and length.isdigit() and int(length) > limit:
+        length = up.content_length  # type: ignore[attr-defined]
+        if length is not None and length > limit:
             return None, False, version
         body, complete = await up.read(limit)  # type: ignore[attr-defined]
         if not complete or len(body) > limit:

@@ -112,6 +112,11 @@ class UpstreamResponse:
         self._head = head
 
     @property
+    def content_length(self) -> int | None:
+        """The response's Content-Length, if it sent a valid one."""
+        return self._conn.content_length
+
+    @property
     def headers(self) -> CIMultiDictProxy[str]:
         if self._headers is None:
             md: CIMultiDict[str] = CIMultiDict(
@@ -166,6 +171,7 @@ class _Connection(asyncio.Protocol):
         self.message_complete = False
         self.keep_alive = False
         self._error: BaseException | None = None
+        self.content_length: int | None = None
         self.idle: float | None = None
         """Longest wait for the next piece of body, once the deadline is off."""
         self._waiter: asyncio.Future[None] | None = None
@@ -239,7 +245,10 @@ class _Connection(asyncio.Protocol):
         self.headers_complete = True
         for name, value in self.raw_headers:
             low = name.lower()
-            if low == b"content-length" or (low == b"transfer-encoding" and b"chunked" in value.lower()):
+            if low == b"content-length":
+                self._framed = True
+                self.content_length = int(value) if value.strip().isdigit() else None
+            elif low == b"transfer-encoding" and b"chunked" in value.lower():
                 self._framed = True
         if self._head or code in (204, 304):
             self._framed = True
@@ -315,6 +324,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self._error = None
         self.idle = None
+        self.content_length = None
 
     async def write(self, data: bytes) -> None:
         if self.closed or self.transport is None:
