@@ -145,6 +145,8 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     error: str = ""
+    creds: str | None = None
+    """credential_hash of the request, computed at most once."""
 
 
 def credential_hash(headers: CIMultiDict[str] | object) -> str:
@@ -267,6 +269,12 @@ class Proxy:
         if child is None:
             child = self._children[key] = metric.labels(*(str(v) for v in values))
         return child
+
+    @staticmethod
+    def _creds(request: web.BaseRequest, ex: Exchange) -> str:
+        if ex.creds is None:
+            ex.creds = credential_hash(request.headers)
+        return ex.creds
 
     def _minted(self, cause: Cause | None) -> None:
         if cause is not None:
@@ -460,7 +468,7 @@ class Proxy:
         cond = Conditionals.from_headers(request.headers)
         # Credentials that get a 2xx are remembered for short_circuit and for
         # etag_in_412: the proxy only tells the current token to them.
-        reader = credential_hash(request.headers) if cfg.short_circuit or cfg.etag_in_412 else None
+        reader = self._creds(request, ex) if cfg.short_circuit or cfg.etag_in_412 else None
         obs: Observation | None
         try:
             obs = await self._timed_store(ex, "observe", self.store.observe(match.key, reader=reader))  # type: ignore[assignment]
@@ -752,10 +760,12 @@ class Proxy:
                     await asyncio.sleep(delay)
                     delay *= 2
 
-    def _replay_fingerprint(self, request: web.BaseRequest, cond: Conditionals, body: bytes) -> str:
+    def _replay_fingerprint(
+        self, request: web.BaseRequest, ex: Exchange, cond: Conditionals, body: bytes
+    ) -> str:
         h = hashlib.blake2b(digest_size=16, person=b"etagproxy-rply")
         h.update((request.method + "\0" + (cond.if_match or "") + "\0").encode("latin-1", "replace"))
-        h.update(credential_hash(request.headers).encode() + b"\0")
+        h.update(self._creds(request, ex).encode() + b"\0")
         h.update(body)
         return h.hexdigest()
 
@@ -777,7 +787,7 @@ class Proxy:
                 record = await self._timed_store(ex, "get_replay", self.store.get_replay(match.key, idem))
             except StoreError:
                 record = None
-            if isinstance(record, Replay) and record.fingerprint == self._replay_fingerprint(request, cond, body):
+            if isinstance(record, Replay) and record.fingerprint == self._replay_fingerprint(request, ex, cond, body):
                 ex.decision = "replayed"
                 self.metrics.preconditions.labels(ex.route, "replayed").inc()
                 resp = web.Response(status=record.status, body=record.body)
@@ -818,7 +828,7 @@ class Proxy:
         learn its current token from a 412."""
         try:
             obs = await self._timed_store(
-                ex, "observe", self.store.observe(key, reader=credential_hash(request.headers))
+                ex, "observe", self.store.observe(key, reader=self._creds(request, ex))
             )
         except StoreError:
             return False
@@ -936,7 +946,7 @@ class Proxy:
                 if outcome is Outcome.SUCCESS and committed is not None:
                     if cfg.short_circuit or cfg.etag_in_412:
                         # A 2xx write is a success of these credentials too.
-                        self.spawn(self._record_reader(match.key, credential_hash(request.headers), cfg))
+                        self.spawn(self._record_reader(match.key, self._creds(request, ex), cfg))
                     shown = await self._response_version(
                         ex, match, up, committed, target, request.headers.get("Host")
                     )
@@ -947,7 +957,7 @@ class Proxy:
                             out["Last-Modified"] = format_http_date(version.minted_ms // 1000)
                     if idem is not None and resp_body is not None and not more:
                         replay = Replay(
-                            self._replay_fingerprint(request, cond, body),
+                            self._replay_fingerprint(request, ex, cond, body),
                             status,
                             tuple((k, v) for k, v in out.items() if k.lower() not in ("x-request-id",)),
                             resp_body,
