@@ -621,17 +621,24 @@ async def test_range_passes_and_if_range_never_yields_a_wrong_part(world: World)
 # -- reads overlapping writes ---------------------------------------------------------------
 
 
-async def test_a_read_during_a_write_in_flight_gets_no_etag(world: World) -> None:
-    path = world.new("/t/")
+def hold_writes(world: World, path: str, method: str) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold `method` requests to `path` at the upstream until `held` is set;
+    `arrived` is set when one got there."""
     held, arrived = asyncio.Event(), asyncio.Event()
 
     async def slow_write(request: web.BaseRequest, body: bytes) -> web.StreamResponse:
-        if request.method == "PUT":
+        if request.method == method:
             arrived.set()
             await held.wait()
         return await world.origin.default(request, body)
 
     world.origin.hooks[path] = slow_write
+    return held, arrived
+
+
+async def test_a_read_during_a_write_in_flight_gets_no_etag(world: World) -> None:
+    path = world.new("/t/")
+    held, arrived = hold_writes(world, path, "PUT")
     before = (await world.call("GET", path)).etag
     write = asyncio.create_task(world.call("PUT", path, {"If-Match": str(before)}, b'{"v": 2}'))
     await arrived.wait()
@@ -749,15 +756,7 @@ async def test_short_circuit_credentials_expire(world: World) -> None:
 
 async def test_short_circuit_never_answers_during_a_write(world: World) -> None:
     path = world.new("/pub/")
-    held, arrived = asyncio.Event(), asyncio.Event()
-
-    async def slow_write(request: web.BaseRequest, body: bytes) -> web.StreamResponse:
-        if request.method == "PATCH":
-            arrived.set()
-            await held.wait()
-        return await world.origin.default(request, body)
-
-    world.origin.hooks[path] = slow_write
+    held, arrived = hold_writes(world, path, "PATCH")
     tag = (await world.call("GET", path)).etag
     await world.settle()
     write = asyncio.create_task(world.call("PATCH", path, data=b'{"v": 2}'))
