@@ -82,3 +82,24 @@ async def test_auth_and_db_are_set_up_on_connect(redis_server):
         with redis.Redis(redis_server.host, redis_server.port, password="s3cret") as admin:
             admin.execute_command("CONFIG", "SET", "requirepass", "")
             admin.flushall()
+
+
+async def test_a_late_reply_times_out_its_command_and_is_dropped_without_desync(redis_server):
+    client = RespClient(redis_server.host, redis_server.port, timeout=0.2)
+    try:
+        assert await client.execute("PING") == b"PONG"  # connected
+        redis_server.command("CLIENT", "PAUSE", "500", "ALL")  # the server holds every reply
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        first = asyncio.ensure_future(client.execute("ECHO", "first"))
+        behind = asyncio.ensure_future(client.execute("ECHO", "behind"))
+        for call in (first, behind):
+            with pytest.raises(TimeoutError):
+                await call
+        assert 0.15 < loop.time() - start < 0.45
+        await asyncio.to_thread(redis_server.command, "PING")  # returns when the pause ends
+        # The late replies are read and dropped: the next command gets its own.
+        assert await client.execute("ECHO", "after") == b"after"
+        assert await client.execute("ECHO", "again") == b"again"
+    finally:
+        await client.close()

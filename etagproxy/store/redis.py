@@ -18,8 +18,8 @@ run_id, so it is treated as absent and re-minted (DESIGN §2, "Redis epoch").
 
 Errors::
 
-    StoreError   any redis-py or RespClient error, or a call exceeding `timeout_s`,
-                 translated in `RedisStore._guard`, cause chained
+    StoreError   any redis-py or RespClient error, or a reply later than `timeout_s`,
+                 translated in `RedisStore._store_error`, cause chained
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from etagproxy.store.resp import RespClient
+from etagproxy.store.resp import ReplyError, RespClient, RespError
 from etagproxy.store.base import (
     BeginResult,
     BeginStatus,
@@ -251,7 +251,7 @@ class RedisStore:
             client = Redis(host=host, port=port, db=cfg.db, **common)
             lean = RespClient(
                 host, port, db=cfg.db, username=cfg.username, password=cfg.password,
-                tls=cfg.tls, connect_timeout=timeout_s,
+                tls=cfg.tls, connect_timeout=timeout_s, timeout=timeout_s,
             )
         return cls(
             client,
@@ -268,7 +268,7 @@ class RedisStore:
 
     @contextlib.asynccontextmanager
     async def _guard(self, op: str, extra_s: float = 0.0) -> AsyncIterator[None]:
-        """Bound one round trip and translate every failure to StoreError."""
+        """Bound one redis-py round trip and translate every failure to StoreError."""
         try:
             async with asyncio.timeout(self._timeout_s + extra_s):
                 if self._cluster is not None:
@@ -278,18 +278,32 @@ class RedisStore:
                     # command goes out avoids it. A no-op once connected.
                     await self._cluster.initialize()
                 yield
-        except TimeoutError as exc:
-            ms = round((self._timeout_s + extra_s) * 1000)
-            raise StoreError(f"redis {op}: no answer within {ms} ms") from exc
-        except RedisConnectionError as exc:
-            raise StoreError(f"redis {op}: unreachable: {exc}") from exc
-        except (RedisError, RedisClusterException) as exc:
-            raise StoreError(f"redis {op}: {exc}") from exc
         except Exception as exc:
-            # A client-internal failure (races like the one above) or a reply
-            # of the wrong shape: the store did not answer usably either way,
-            # and callers fail closed on StoreError.
-            raise StoreError(f"redis {op}: client failure: {exc!r}") from exc
+            raise self._store_error(op, exc, extra_s) from exc
+
+    async def _call(self, op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run one script: through the lean client when there is one (it
+        bounds each reply by `timeout_s` itself), else guarded."""
+        if self._lean is None:
+            async with self._guard(op):
+                return await script(keys, args)
+        try:
+            return await script(keys, args)
+        except Exception as exc:
+            raise self._store_error(op, exc) from exc
+
+    def _store_error(self, op: str, exc: Exception, extra_s: float = 0.0) -> StoreError:
+        if isinstance(exc, TimeoutError):
+            ms = round((self._timeout_s + extra_s) * 1000)
+            return StoreError(f"redis {op}: no answer within {ms} ms")
+        if isinstance(exc, (RedisConnectionError, RespError)):
+            return StoreError(f"redis {op}: unreachable: {exc}")
+        if isinstance(exc, (RedisError, RedisClusterException, ReplyError)):
+            return StoreError(f"redis {op}: {exc}")
+        # A client-internal failure (races like the one in `_guard`) or a
+        # reply of the wrong shape: the store did not answer usably either
+        # way, and callers fail closed on StoreError.
+        return StoreError(f"redis {op}: client failure: {exc!r}")
 
     def _saw_epoch(self, run_id: str) -> None:
         if self.epoch and run_id != self.epoch and self._cluster is None:
@@ -331,8 +345,7 @@ class RedisStore:
     async def observe(self, key: str, *, reader: str | None = None) -> Observation:
         rkey = self._rkey(key)
         keys = [rkey] if reader is None else [rkey, f"{rkey}:r:{reader}"]
-        async with self._guard("observe"):
-            t, m, x, e, pending, cause, seen = await self._observe(keys, [new_token(), self._ttl_ms])
+        t, m, x, e, pending, cause, seen = await self._call("observe", self._observe, keys, [new_token(), self._ttl_ms])
         version = _version(t, m, x, e)
         self._saw_epoch(version.epoch)
         minted = Cause(cause.decode()) if cause else None
@@ -340,20 +353,22 @@ class RedisStore:
 
     async def confirm(self, key: str, token: str) -> None:
         """A 2xx read showed that the resource at `token` exists."""
-        async with self._guard("confirm"):
-            await self._confirm([self._rkey(key)], [token])
+        await self._call("confirm", self._confirm, [self._rkey(key)], [token])
 
     async def record_reader(self, key: str, reader: str, ttl_ms: int) -> None:
         # A plain SET: the record says who was served, which stays true
         # whatever happens to the version, so it needs no epoch.
         if ttl_ms <= 0:
             return
-        async with self._guard("record_reader"):
-            name = f"{self._rkey(key)}:r:{reader}"
-            if self._lean is not None:
+        name = f"{self._rkey(key)}:r:{reader}"
+        if self._lean is not None:
+            try:
                 await self._lean.execute("SET", name, b"1", "PX", ttl_ms)
-            else:
-                await self._client.set(name, b"1", px=ttl_ms)
+            except Exception as exc:
+                raise self._store_error("record_reader", exc) from exc
+            return
+        async with self._guard("record_reader"):
+            await self._client.set(name, b"1", px=ttl_ms)
 
     async def begin(self, key: str, cond: WriteCondition, owner: str, lease_ms: int, wait_ms: int) -> BeginResult:
         rkey = self._rkey(key)
@@ -394,8 +409,7 @@ class RedisStore:
         """One BEGIN attempt; with min_replicas, also the WAIT acknowledgement
         count (sent after every attempt, read only after 'ok')."""
         if not self._min_replicas:
-            async with self._guard("begin"):
-                return await self._begin([rkey], args), None
+            return await self._call("begin", self._begin, [rkey], args), None
         async with self._guard("begin", self._min_replicas_timeout_ms / 1000):
             reply, acked = await self._pipelined(self._begin, [([rkey], args)], wait_for=self._min_replicas)
         return reply, int(acked)
@@ -404,8 +418,7 @@ class RedisStore:
         rkey = self._rkey(key)
         args = [owner, outcome.value, int(exists), new_token(), self._ttl_ms]
         try:
-            async with self._guard("end"):
-                reply = await self._end([rkey], args)
+            reply = await self._call("end", self._end, [rkey], args)
         finally:
             self._wakeups.notify(rkey)
         if not reply:
@@ -415,8 +428,7 @@ class RedisStore:
     async def put_replay(self, key: str, idem: str, record: Replay, ttl_ms: int) -> None:
         headers = json.dumps([list(pair) for pair in record.headers])
         args: list[bytes | str | int] = [ttl_ms, record.fingerprint, record.status, headers, record.body]
-        async with self._guard("put_replay"):
-            await self._put_replay([f"{self._rkey(key)}:i:{idem}"], args)
+        await self._call("put_replay", self._put_replay, [f"{self._rkey(key)}:i:{idem}"], args)
 
     async def invalidate(self, keys: list[str]) -> None:
         if not keys:
@@ -426,8 +438,7 @@ class RedisStore:
             await self._pipelined(self._invalidate, calls)
 
     async def fingerprint(self, key: str, token: str, digest: str) -> Version | None:
-        async with self._guard("fingerprint"):
-            reply = await self._fingerprint([self._rkey(key)], [token, digest, new_token(), self._ttl_ms])
+        reply = await self._call("fingerprint", self._fingerprint, [self._rkey(key)], [token, digest, new_token(), self._ttl_ms])
         return _version(*reply) if reply else None
 
     async def get_replay(self, key: str, idem: str) -> Replay | None:
@@ -465,11 +476,14 @@ class RedisStore:
         return KeyInfo(key, "committed", version, extra=extra)
 
     async def ping(self) -> None:
-        async with self._guard("ping"):
-            if self._lean is not None:
+        if self._lean is not None:
+            try:
                 await self._lean.execute("PING")
-            else:
-                await self._client.ping()
+            except Exception as exc:
+                raise self._store_error("ping", exc) from exc
+            return
+        async with self._guard("ping"):
+            await self._client.ping()
 
     async def close(self) -> None:
         if self._lean is not None:

@@ -13,7 +13,11 @@ what the store needs:
 - AUTH / SELECT on connect; reconnect on the next call after a failure;
 - a broken connection fails every command in flight with `RespError`
   (the store translates it into StoreError: the outcome of a write script
-  in flight is then unknown, which the write protocol already handles).
+  in flight is then unknown, which the write protocol already handles);
+- with `timeout`, a command unanswered that long after it was sent fails
+  with `TimeoutError` (its reply, if it comes, is read and dropped). One
+  timer per connection enforces it, armed for the oldest command: a timer
+  per command (`asyncio.timeout`) costs more than the rest of the call.
 
 Cluster and Sentinel discovery stay with redis-py; a Sentinel-resolved
 master could use this client too.
@@ -64,6 +68,9 @@ class _Protocol(asyncio.Protocol):
         self.reader = hiredis.Reader(replyError=ReplyError)
         self.transport: asyncio.Transport | None = None
         self.waiters: collections.deque[asyncio.Future[object]] = collections.deque()
+        # (deadline, future) per command sent with a timeout, oldest first.
+        self.deadlines: collections.deque[tuple[float, asyncio.Future[object]]] = collections.deque()
+        self.watchdog: asyncio.TimerHandle | None = None
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -95,8 +102,36 @@ class _Protocol(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._fail(RespError(f"connection lost: {exc}" if exc else "connection closed by server"))
 
+    def expect_by(self, deadline: float, fut: asyncio.Future[object]) -> None:
+        """Fail `fut` with TimeoutError if it is still unanswered at `deadline`."""
+        self.deadlines.append((deadline, fut))
+        if self.watchdog is None:
+            self.watchdog = asyncio.get_running_loop().call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self.watchdog = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadlines = self.deadlines
+        while deadlines:
+            deadline, fut = deadlines[0]
+            if fut.done():
+                deadlines.popleft()
+            elif deadline <= now:
+                deadlines.popleft()
+                fut.set_exception(TimeoutError())
+            else:
+                # Deadlines are appended in order of sending, so the first
+                # one still waiting is the earliest (equal timeouts).
+                self.watchdog = loop.call_at(deadline, self._expire)
+                return
+
     def _fail(self, exc: BaseException) -> None:
         self.lost = True
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+        self.deadlines.clear()
         while self.waiters:
             fut = self.waiters.popleft()
             if not fut.done():
@@ -119,6 +154,7 @@ class RespClient:
         password: str | None = None,
         tls: bool = False,
         connect_timeout: float = 1.0,
+        timeout: float | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -127,6 +163,7 @@ class RespClient:
         self._password = password
         self._ssl = ssl_module.create_default_context() if tls else None
         self._connect_timeout = connect_timeout
+        self.timeout = timeout
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._shas: dict[str, str] = {}
@@ -183,18 +220,23 @@ class RespClient:
         finally:
             self._connecting = None
 
-    @staticmethod
-    def _send(proto: _Protocol, args: Sequence[bytes | str | int | float]) -> asyncio.Future[object]:
+    def _send(self, proto: _Protocol, args: Sequence[bytes | str | int | float]) -> asyncio.Future[object]:
         if proto.lost or proto.transport is None:
             raise RespError("connection lost")
-        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[object] = loop.create_future()
         proto.waiters.append(fut)
         proto.transport.write(pack(args))
+        if self.timeout is not None:
+            proto.expect_by(loop.time() + self.timeout, fut)
         return fut
 
     async def execute(self, *args: bytes | str | int | float) -> object:
-        """Send one command and return its reply (error replies raise ReplyError)."""
-        proto = await self._conn()
+        """Send one command and return its reply (error replies raise
+        ReplyError; no reply within `timeout` raises TimeoutError)."""
+        proto = self._proto
+        if proto is None or proto.lost:
+            proto = await self._conn()
         return await self._send(proto, args)
 
     async def evalsha(
