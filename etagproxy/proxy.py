@@ -467,8 +467,11 @@ class Proxy:
         cfg: RouteConfig = match.route.config
         cond = Conditionals.from_headers(request.headers)
         # Credentials that get a 2xx are remembered for short_circuit and for
-        # etag_in_412: the proxy only tells the current token to them.
-        reader = self._creds(request, ex) if cfg.short_circuit or cfg.etag_in_412 else None
+        # etag_in_412: the proxy only tells the current token to them. A
+        # `public` route tells it to anyone, so it needs no record.
+        reader = (
+            self._creds(request, ex) if (cfg.short_circuit or cfg.etag_in_412) and not cfg.public else None
+        )
         obs: Observation | None
         try:
             obs = await self._timed_store(ex, "observe", self.store.observe(match.key, reader=reader))  # type: ignore[assignment]

@@ -29,12 +29,12 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from etagproxy.app import ProxyServer
 from etagproxy.config import parse_config, parse_store_url
 from etagproxy.etag import EntityTag, parse_etag
-from etagproxy.proxy import Exchange
+from etagproxy.proxy import Exchange, credential_hash
 from etagproxy.store.base import VersionStore
 from etagproxy.store.memory import MemoryStore
 from tests.proxy_fixtures import RecordingUpstream
@@ -687,6 +687,8 @@ async def test_short_circuit_on_a_public_route_skips_the_upstream(world: World) 
     world.origin.extra[path] = {"Cache-Control": "public, no-cache", "Content-Location": path + ".json"}
     full = await world.call("GET", path, GZIP)
     await world.settle()
+    # Anyone may learn a public route's token: no reader is recorded.
+    assert not (await world.store.observe(path, reader=credential_hash(CIMultiDict()))).reader_seen
     r = await world.call("GET", path, {"If-None-Match": f'"other", W/{full.etag}', **GZIP})
     assert r.status == 304
     assert world.origin.saw("GET", path) == 1, "answered from the store"
