@@ -95,6 +95,9 @@ def parse_tag_list(value: str | None) -> TagList | None:
         return None
     if not isinstance(value, str):
         return _MALFORMED
+    single = _ENTITY_TAG.fullmatch(value)
+    if single is not None:  # the usual case: one tag, no list
+        return TagList(any=False, tags=(EntityTag(single.group(2), weak=single.group(1) is not None),))
     # RFC 9110 §13.1.1/§13.1.2: If-Match / If-None-Match = "*" / #entity-tag.
     if value.strip(_OWS) == "*":
         return _ANY

@@ -78,6 +78,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ClientBodyError",
+    "arrived_body",
     "Guard",
     "GuardedRequestHandler",
     "GuardedServer",
@@ -304,6 +305,24 @@ async def client_chunks(
         if not chunk:
             return
         yield chunk
+
+
+def arrived_body(request: web.BaseRequest) -> bytes | None:
+    """The whole request body if all of it has arrived already, else None.
+
+    Small bodies usually come with their headers; reading them needs no
+    deadline (and no timer).
+    """
+    content = request.content
+    if not content.is_eof():
+        return None
+    try:
+        return content.read_nowait()
+    except (ConnectionError, *_PAYLOAD_ERRORS) as exc:
+        raise ClientBodyError(
+            "client-body", f"The request body could not be read: {type(exc).__name__}.",
+            400, "Bad Request",
+        ) from exc
 
 
 def is_upgrade(msg: RawRequestMessage) -> bool:

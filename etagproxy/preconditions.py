@@ -83,6 +83,8 @@ class Conditionals:
                 values = getall(name, None)
                 if not values:
                     return None
+                if len(values) == 1:
+                    return str(values[0])
                 return ", ".join(str(v) for v in values)
             value = headers.get(name)
             return None if value is None else str(value)

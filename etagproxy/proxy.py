@@ -35,7 +35,7 @@ from yarl import URL
 from etagproxy import headers as hdr
 from etagproxy.config import Config, RouteConfig
 from etagproxy.etag import EntityTag, make_etag, parse_tag_list
-from etagproxy.guard import ClientBodyError, client_chunks
+from etagproxy.guard import ClientBodyError, arrived_body, client_chunks
 from etagproxy.httpdate import format_http_date
 from etagproxy.metrics import Metrics
 from etagproxy.preconditions import Conditionals, Decision, Representation, evaluate, write_condition
@@ -647,6 +647,12 @@ class Proxy:
         if not request.body_exists:
             return b""
         await self._continue(request)
+        whole = arrived_body(request)
+        if whole is not None:
+            if len(whole) > limit:
+                raise BodyTooLarge
+            ex.bytes_in = len(whole)
+            return whole
         chunks: list[bytes] = []
         size = 0
         async with asyncio.timeout(self.config.timeouts.body_read):

@@ -43,23 +43,9 @@ class ReplyError(Exception):
     """The server answered with an error reply (e.g. NOSCRIPT, WRONGTYPE)."""
 
 
-def _bulk(value: bytes | str | int | float) -> bytes:
-    if isinstance(value, bytes):
-        data = value
-    elif isinstance(value, str):
-        data = value.encode()
-    elif isinstance(value, bool):
-        data = b"1" if value else b"0"
-    elif isinstance(value, int):
-        data = b"%d" % value
-    else:
-        data = repr(value).encode()
-    return b"$%d\r\n%b\r\n" % (len(data), data)
-
-
 def pack(args: Sequence[bytes | str | int | float]) -> bytes:
-    """One RESP command: an array of bulk strings."""
-    return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
+    """One RESP command: an array of bulk strings (hiredis' C packer)."""
+    return hiredis.pack_command(args if isinstance(args, tuple) else tuple(args))
 
 
 class _Protocol(asyncio.Protocol):
