@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import shutil
@@ -115,6 +116,9 @@ class Supervisor:
     def _start(self, slot: _Slot) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # Objects that exist now are never scanned by the workers' garbage
+        # collector, so its bookkeeping writes do not unshare their pages.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child; the tests see it from outside
             os._exit(self._worker_main())
@@ -262,6 +266,9 @@ def supervise(config: Config, args: argparse.Namespace) -> int:
     """Run `args.workers` workers of `config` until SIGTERM/SIGINT."""
     metrics_dir = tempfile.mkdtemp(prefix="etagproxy-metrics-")
     enable_multiprocess(metrics_dir)
+    # What every worker runs, imported once here: the workers share these
+    # pages with the supervisor (copy-on-write) instead of each holding a copy.
+    import etagproxy.app  # noqa: F401
     supervisor = Supervisor(
         config,
         workers=args.workers,
