@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import socket
 import ssl
 import time
@@ -177,6 +178,15 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
+        # Both deadlines are enforced by one timer per connection (`_arm`),
+        # re-armed lazily when it fires: a timer per request and another per
+        # wait for body (`asyncio.timeout`) cost more than the parsing.
+        self._deadline = math.inf
+        """When the exchange must be over (`expect_by`); inf when unbounded."""
+        self._idle_at = math.inf
+        """When the current wait for more body gives up; inf when not waiting."""
+        self._watch: asyncio.TimerHandle | None = None
+        self._watch_at = math.inf
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -296,18 +306,42 @@ class _Connection(asyncio.Protocol):
             raise self._error
         self._waiter = self.loop.create_future()
         try:
-            if self.idle is None:
-                await self._waiter
-                return
-            try:
-                async with asyncio.timeout(self.idle):
-                    await self._waiter
-            except TimeoutError:
-                stalled = UpstreamTimeout("the upstream body stalled")
-                self._fail(stalled)
-                raise stalled from None
+            if self.idle is not None:
+                self._idle_at = self.loop.time() + self.idle
+                self._arm(self._idle_at)
+            await self._waiter
         finally:
             self._waiter = None
+            self._idle_at = math.inf
+
+    def expect_by(self, deadline: float) -> None:
+        """Fail the exchange with UpstreamTimeout at `deadline` (inf: never)."""
+        self._deadline = deadline
+        if deadline != math.inf:
+            self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        if self._watch is not None:
+            if self._watch_at <= when:
+                return  # fires first and re-arms for whatever is due then
+            self._watch.cancel()
+        self._watch_at = when
+        self._watch = self.loop.call_at(when, self._on_watch)
+
+    def _on_watch(self) -> None:
+        self._watch = None
+        self._watch_at = math.inf
+        if self.closed:
+            return
+        now = self.loop.time()
+        if now >= self._deadline:
+            self._fail(UpstreamTimeout("upstream did not answer in time"))
+        elif now >= self._idle_at:
+            self._fail(UpstreamTimeout("the upstream body stalled"))
+        else:
+            due = min(self._deadline, self._idle_at)
+            if due != math.inf:
+                self._arm(due)
 
     def begin(self, head: bool) -> None:
         self._parser = httptools.HttpResponseParser(self)
@@ -378,6 +412,9 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self.transport is not None:
             self.transport.close()
 
@@ -508,15 +545,12 @@ class Upstream:
         deadline = loop.time() + timeout
         replayable = method in RETRYABLE and (body is None or isinstance(body, bytes))
         conn: _Connection | None = None
-        timer: asyncio.TimerHandle | None = None
         try:
             for attempt in (0, 1):
                 conn = self._checkout(origin) if attempt == 0 else None
                 if conn is None:
                     conn = await self._connect(origin, deadline)
-                if timer is not None:
-                    timer.cancel()
-                timer = loop.call_at(deadline, conn._fail, UpstreamTimeout("upstream did not answer in time"))
+                conn.expect_by(deadline)
                 try:
                     await self._send(conn, method, target, origin, headers, body)
                     await conn.headers()
@@ -533,9 +567,7 @@ class Upstream:
                     raise
             assert conn is not None
             if not whole:
-                assert timer is not None
-                timer.cancel()
-                timer = None
+                conn.expect_by(math.inf)
                 conn.idle = timeout
             yield UpstreamResponse(conn, method == "HEAD")
         except BaseException:
@@ -545,10 +577,8 @@ class Upstream:
                 conn.close()
             raise
         else:
+            conn.expect_by(math.inf)  # type: ignore[union-attr]
             self._release(origin, conn)  # type: ignore[arg-type]
-        finally:
-            if timer is not None:
-                timer.cancel()
 
     async def close(self) -> None:
         self._closed = True

@@ -223,6 +223,19 @@ async def test_truncated_and_garbled_responses_are_broken(scripted, client):
         await fetch(client, srv.base)
 
 
+async def test_a_finished_exchange_leaves_no_deadline_on_its_pooled_connection(scripted, client):
+    async def script(reader, writer, n):
+        while True:
+            await srv.read_request(reader)
+            writer.write(ok(b"hello"))
+
+    srv = await scripted(script)
+    assert (await fetch(client, srv.base, timeout=0.1))[2] == b"hello"
+    await asyncio.sleep(0.25)  # idle in the pool past the first exchange's deadline
+    assert (await fetch(client, srv.base, timeout=5.0))[2] == b"hello"
+    assert srv.connections == 1, "the pooled connection outlived the old deadline"
+
+
 async def test_the_deadline_covers_headers_and_body(scripted, client):
     stall = asyncio.Event()
 
