@@ -67,6 +67,7 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 UNTRACKED_METHODS = frozenset({"OPTIONS", "TRACE", "CONNECT"})
 CHUNK = 1 << 16
 DRAIN_LIMIT = 1 << 16  # bodies up to this size are read to keep a connection
+COALESCE = 1 << 16  # GET bodies up to this size (by Content-Length) are sent in one write
 REPLAY_MAX = 1 << 20  # write responses up to this size are recorded for Idempotency-Key replays
 
 # RFC 9110 §15.4.5: a 304 carries these fields when a 200 would have.
@@ -378,9 +379,16 @@ class Proxy:
         """Send the upstream's status, `headers` and body: streamed, or
         `body` if it was read already (`more`: only its start was read)."""
         status = up.status  # type: ignore[attr-defined]
-        resp = web.StreamResponse(status=status, reason=up.reason, headers=headers)  # type: ignore[attr-defined]
         length = up.content_length  # type: ignore[attr-defined]
         no_body = request.method == "HEAD" or status in (204, 304) or status < 200
+        if body is None and not no_body and length is not None and length <= COALESCE and request.method == "GET":
+            # A small body is read whole and sent with the headers: one
+            # write to the client instead of one per piece that arrives. A
+            # body that breaks now is a 502 rather than a truncated 2xx
+            # (reads only: a write's 2xx means it landed).
+            body, complete = await up.read(length)  # type: ignore[attr-defined]
+            more = not complete
+        resp = web.StreamResponse(status=status, reason=up.reason, headers=headers)  # type: ignore[attr-defined]
         if body is not None and not more:
             resp.content_length = len(body)
         elif length is not None:

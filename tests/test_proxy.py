@@ -352,6 +352,28 @@ async def test_unreachable_upstream_is_502_problem(make_proxy):
                 assert (await r.json(content_type=None))["status"] == 502
 
 
+async def test_a_small_read_body_that_breaks_is_502_not_a_truncated_200(make_proxy):
+    async def truncating(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(truncating, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy = await make_proxy(cfg(), upstream=f"http://127.0.0.1:{port}")
+        async with aiohttp.ClientSession() as s:
+            for path in ("/api/sites/1/", "/other"):  # tracked and plain
+                async with s.get(proxy.url + path) as r:
+                    assert r.status == 502, path
+                    assert "ETag" not in r.headers
+                    assert (await r.json(content_type=None))["status"] == 502
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_slow_upstream_is_504_and_a_write_loses_its_token(make_proxy, recording_upstream):
     never = asyncio.Event()
 
