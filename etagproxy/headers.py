@@ -14,11 +14,12 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from collections.abc import Iterable, Sequence
 
 from multidict import CIMultiDict
+
+from etagproxy.randomness import random_hex
 
 HOP_BY_HOP = frozenset(
     {
@@ -76,7 +77,7 @@ def check_connection(tokens: frozenset[str]) -> None:
 
 
 def new_request_id() -> str:
-    return os.urandom(12).hex()
+    return random_hex(12)
 
 
 def request_id(value: str | None) -> str:

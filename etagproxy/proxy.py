@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Collection
@@ -40,6 +39,7 @@ from etagproxy.httpdate import format_http_date
 from etagproxy.metrics import Metrics
 from etagproxy.preconditions import Conditionals, Decision, Representation, evaluate, write_condition
 from etagproxy.problems import problem
+from etagproxy.randomness import random_hex
 from etagproxy.routes import Match, Router
 from etagproxy.store.base import (
     BeginStatus,
@@ -707,7 +707,7 @@ class Proxy:
         drop = named if cfg.upstream_conditionals else (REQUEST_DROP_TRACKED | named)
         headers = self._upstream_headers(request, ex, drop, keep_framing=False)
         # Unique per write: the request id may come from the client.
-        owner = os.urandom(12).hex()
+        owner = random_hex(12)
         try:
             begun = await self._timed_store(
                 ex, "begin", self.store.begin(match.key, wcond, owner, self.lease_ms, self.wait_ms)
@@ -1039,7 +1039,7 @@ class Proxy:
             return None
         if created.key == match.key:
             return committed, match.route.config.last_modified
-        owner = os.urandom(12).hex()
+        owner = random_hex(12)
         try:
             begun = await self._timed_store(
                 ex, "begin", self.store.begin(created.key, WriteCondition(), owner, self.lease_ms, 0)

@@ -159,6 +159,8 @@ class _Connection(asyncio.Protocol):
         self.reused = False
         self.idle_since = 0.0
         self._parser: httptools.HttpResponseParser | None = None
+        self._spare: httptools.HttpResponseParser | None = None
+        """The parser of the last response, at a message boundary, for the next."""
         self._head = False
         self._framed = False
         self._got_bytes = False
@@ -344,7 +346,10 @@ class _Connection(asyncio.Protocol):
                 self._arm(due)
 
     def begin(self, head: bool) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        # llhttp parses consecutive messages on one connection, so a parser
+        # that finished a response takes the next one.
+        self._parser = self._spare or httptools.HttpResponseParser(self)
+        self._spare = None
         self._head = head
         self._framed = False
         self._got_bytes = False
@@ -484,7 +489,8 @@ class Upstream:
         if len(pool) >= self._max_idle:
             conn.close()
             return
-        conn._parser = None
+        # Idle, it has no parser: bytes that arrive now are out of sync.
+        conn._spare, conn._parser = conn._parser, None
         conn.reused = True
         conn.idle_since = time.monotonic()
         pool.append(conn)

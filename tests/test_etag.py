@@ -279,3 +279,23 @@ def test_make_etag() -> None:
 def test_make_etag_refuses_what_would_not_be_its_own_tag(token: str, variant: str) -> None:
     with pytest.raises(ValueError):
         make_etag(token, variant)
+
+
+def test_random_bytes_differ_between_a_process_and_its_forked_child():
+    """Buffered randomness must not be handed out twice across a fork
+    (two workers minting the same token)."""
+    import os
+
+    from etagproxy.randomness import random_bytes
+
+    random_bytes(1)  # the parent now holds a block
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, random_bytes(32))
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 32)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child) == 32 and child != random_bytes(32)

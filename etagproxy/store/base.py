@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import base64
 import enum
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from etagproxy.randomness import random_bytes
 
 
 class StoreError(Exception):
@@ -30,7 +31,7 @@ def new_token() -> str:
 
     The alphabet has no `-`, so `"<token>-<variant>"` splits unambiguously.
     """
-    return base64.b32encode(os.urandom(15)).decode("ascii").lower()
+    return base64.b32encode(random_bytes(15)).decode("ascii").lower()
 
 
 def now_ms() -> int:
