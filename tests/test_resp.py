@@ -27,6 +27,27 @@ async def test_concurrent_commands_share_one_connection_and_get_their_own_replie
         await client.close()
 
 
+def _reads_processed(redis_server) -> int:
+    with redis_server.admin() as admin:
+        return int(admin.info("stats")["total_reads_processed"])
+
+
+async def test_commands_of_one_loop_turn_reach_the_server_in_one_write(redis_server):
+    client = RespClient(redis_server.host, redis_server.port)
+    try:
+        await client.execute("PING")  # connected
+        first = _reads_processed(redis_server)
+        before = _reads_processed(redis_server)
+        asking = before - first  # what the admin connection's own asking costs
+        results = await asyncio.gather(*(client.execute("ECHO", f"m{i}") for i in range(200)))
+        assert results == [f"m{i}".encode() for i in range(200)]
+        # 200 commands, one write: the server reads them in a handful of
+        # reads (a large write may arrive in pieces), not 200.
+        assert _reads_processed(redis_server) - before - asking <= 5
+    finally:
+        await client.close()
+
+
 async def test_error_replies_raise_and_do_not_desync(redis_server):
     client = RespClient(redis_server.host, redis_server.port)
     try:
