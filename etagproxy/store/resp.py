@@ -9,10 +9,12 @@ what the store needs:
   process: replies are matched to commands in order (RESP replies arrive in
   command order), so concurrent requests are pipelined on one connection
   instead of queueing for pooled ones;
-- commands issued in one turn of the event loop go out in one write at the
-  end of it: under load one system call (and one wake-up of the server)
+- a command sent while others await their replies waits for the end of
+  the event loop's turn, and everything queued by then goes out in one
+  write: under load one system call (and one wake-up of the server)
   carries the commands of many requests, and the replies come back batched
-  the same way;
+  the same way. A command on an idle connection goes out at once, so a lone
+  request pays no extra latency;
 - replies parsed by hiredis' C reader;
 - AUTH / SELECT on connect; reconnect on the next call after a failure;
 - a broken connection fails every command in flight with `RespError`
@@ -119,7 +121,11 @@ class _Protocol(asyncio.Protocol):
                 return
 
     def queue(self, data: bytes) -> None:
+        """Write `data` (the command of the newest waiter), now or batched."""
         if not self.outgoing:
+            if len(self.waiters) == 1 and self.transport is not None:
+                self.transport.write(data)  # nothing else in flight
+                return
             asyncio.get_running_loop().call_soon(self.flush)
         self.outgoing.append(data)
 
