@@ -133,6 +133,21 @@ async def test_restart_from_a_snapshot_retires_every_token(redis_server: RedisSe
     assert ended.committed == during.version
 
 
+async def test_reading_a_committed_version_runs_no_script(redis_server: RedisServer, redis_store: Any) -> None:
+    store = await redis_store(redis_server)
+    v0 = await committed(store, "/a")
+    redis_server.command("CONFIG", "RESETSTAT")
+    for _ in range(10):
+        seen = await store.observe("/a", reader="r1")
+        assert (seen.version, seen.pending, seen.minted, seen.reader_seen) == (v0, False, None, False)
+    stats = redis_server.command("INFO", "commandstats")
+    text = stats.decode() if isinstance(stats, bytes) else str(stats)
+    assert "cmdstat_evalsha" not in text and "cmdstat_eval:" not in text, text
+    # A key with a write in flight still goes to the script, which knows leases.
+    await store.begin("/a", NO_PRECONDITION, "w", HELD_MS, 0)
+    assert (await store.observe("/a")).pending
+
+
 # -- TTLs ------------------------------------------------------------------------
 
 

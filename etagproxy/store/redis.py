@@ -344,12 +344,39 @@ class RedisStore:
 
     async def observe(self, key: str, *, reader: str | None = None) -> Observation:
         rkey = self._rkey(key)
+        if self._lean is not None:
+            committed = await self._observe_committed(rkey, reader)
+            if committed is not None:
+                return committed
         keys = [rkey] if reader is None else [rkey, f"{rkey}:r:{reader}"]
         t, m, x, e, pending, cause, seen = await self._call("observe", self._observe, keys, [new_token(), self._ttl_ms])
         version = _version(t, m, x, e)
         self._saw_epoch(version.epoch)
         minted = Cause(cause.decode()) if cause else None
         return Observation(version, pending == 1, minted, seen == 1)
+
+    async def _observe_committed(self, rkey: str, reader: str | None) -> Observation | None:
+        """OBSERVE without the script, for the usual case: a version of this
+        epoch, no write in flight. Then the script would only read, and
+        HMGET reads the same fields atomically (with the reader record in
+        the same round trip), at a fraction of the server's time. The epoch
+        is the run_id of the server this connection has talked to since it
+        opened. Anything else (no version, a write in flight, an older
+        epoch): None, and the script decides."""
+        commands: list[tuple[str, ...]] = [("HMGET", rkey, "s", "e", "t", "m", "x")]
+        if reader is not None:
+            commands.append(("EXISTS", f"{rkey}:r:{reader}"))
+        assert self._lean is not None
+        try:
+            replies, run_id = await self._lean.pipeline(commands)
+            state, epoch, token, minted, exists = replies[0]  # type: ignore[misc]
+        except Exception as exc:
+            raise self._store_error("observe", exc) from exc
+        if state != b"c" or not run_id or epoch != run_id:
+            return None
+        version = _version(token, minted, exists, epoch)
+        self._saw_epoch(version.epoch)
+        return Observation(version, False, None, reader is not None and replies[1] == 1)
 
     async def confirm(self, key: str, token: str) -> None:
         """A 2xx read showed that the resource at `token` exists."""

@@ -34,11 +34,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import re
 import socket
 import ssl as ssl_module
 from collections.abc import Sequence
 
 import hiredis
+
+
+_RUN_ID = re.compile(rb"run_id:([0-9a-f]+)")
 
 
 class RespError(Exception):
@@ -66,6 +70,9 @@ class _Protocol(asyncio.Protocol):
         self.lost = False
         self.outgoing: list[bytes] = []
         """Commands packed in this turn of the loop, written by `flush`."""
+        self.run_id = b""
+        """The server process's run_id, read once when connecting: a
+        connection never outlives the process it is connected to."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -201,6 +208,9 @@ class RespClient:
                     setup.append(["SELECT", self._db])
                 for cmd in setup:
                     await self._send(proto, cmd)
+                info = await self._send(proto, ["INFO", "server"])
+                found = _RUN_ID.search(info if isinstance(info, bytes) else b"")
+                proto.run_id = found.group(1) if found else b""
         except (OSError, TimeoutError, ReplyError) as exc:
             if proto is not None and proto.transport is not None:
                 proto.transport.close()  # opened, but AUTH/SELECT failed or took too long
@@ -247,6 +257,26 @@ class RespClient:
         if proto is None or proto.lost:
             proto = await self._conn()
         return await self._send(proto, args)
+
+    async def pipeline(
+        self, commands: Sequence[Sequence[bytes | str | int | float]]
+    ) -> tuple[list[object], bytes]:
+        """Send `commands` together; their replies, and the run_id of the
+        server that answered them (b"" if it did not tell)."""
+        proto = self._proto
+        if proto is None or proto.lost:
+            proto = await self._conn()
+        futures = [self._send(proto, cmd) for cmd in commands]
+        replies: list[object] = []
+        error: BaseException | None = None
+        for fut in futures:  # every one awaited, so no failure goes unretrieved
+            try:
+                replies.append(await fut)
+            except (ReplyError, RespError, TimeoutError) as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return replies, proto.run_id
 
     async def evalsha(
         self, script: str, keys: Sequence[str], args: Sequence[bytes | str | int | float]
