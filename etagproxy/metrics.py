@@ -53,6 +53,26 @@ def multiprocess_enabled() -> bool:
     return bool(getattr(_values.ValueClass, "_multiprocess", False))
 
 
+# prometheus-client's multiprocess values ask for the process id on every
+# update, to notice a fork; `os.getpid()` is a system call each time (a
+# dozen per write request). The id is kept here instead and refreshed in
+# every forked child, which is all the check needs.
+_pid = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
+
+
+def process_id() -> int:
+    """This process's id, without a system call."""
+    return _pid
+
+
 def enable_multiprocess(path: str) -> None:
     """Keep every metric created from now on in files under `path`.
 
@@ -61,8 +81,10 @@ def enable_multiprocess(path: str) -> None:
     earlier switches here instead.
     """
     os.environ[MULTIPROC_ENV] = path
-    if not multiprocess_enabled():
-        _values.ValueClass = _values.MultiProcessValue()
+    if not getattr(_values.ValueClass, "_etagproxy", False):
+        value_class = _values.MultiProcessValue(process_identifier=process_id)
+        value_class._etagproxy = True  # type: ignore[attr-defined]
+        _values.ValueClass = value_class
 
 
 class Metrics:

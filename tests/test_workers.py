@@ -155,3 +155,32 @@ async def test_supervisor_restarts_a_crashed_worker_and_forwards_signals(
     rejected = [r for r in pool.records() if r.get("msg", "").startswith("reload rejected") and r["pid"] in pids]
     assert rejected == []
 
+
+
+def test_pooled_metric_values_cost_no_system_call_and_stay_apart_after_fork(tmp_path: Path) -> None:
+    """prometheus-client checks the process id on every update of a pooled
+    value; etagproxy answers it from a cached id (no system call), which a
+    fork refreshes, so a forked worker still writes its own file."""
+    script = f"""
+import os
+import etagproxy.metrics as metrics
+metrics.enable_multiprocess({str(tmp_path)!r})
+m = metrics.Metrics()
+m.requests.labels("/r", "GET", "200").inc()
+pid = os.fork()
+if pid == 0:
+    m.requests.labels("/r", "GET", "200").inc()
+    os._exit(0)
+os.waitpid(pid, 0)
+metrics._pid = 4242  # the id the values ask for is the cached one
+m.requests.labels("/r", "GET", "200").inc()
+print(os.getpid(), pid)
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    parent, child = (int(x) for x in done.stdout.split())
+    files = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("counter_"))
+    assert files == sorted(f"counter_{n}.db" for n in (parent, child, 4242)), files
