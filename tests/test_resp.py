@@ -124,3 +124,16 @@ async def test_a_late_reply_times_out_its_command_and_is_dropped_without_desync(
         assert await client.execute("ECHO", "again") == b"again"
     finally:
         await client.close()
+
+
+async def test_a_kept_connection_found_dead_is_replaced_for_the_next_command(redis_server):
+    client = RespClient(redis_server.host, redis_server.port, connect_timeout=0.5)
+    try:
+        assert await client.execute("PING") == b"PONG"
+        redis_server.restart()
+        # The kept connection died with the old server; the command goes out
+        # again on a new one instead of failing the request that sent it.
+        assert await client.execute("ECHO", "again") == b"again"
+        assert (await client.pipeline([("ECHO", "a"), ("ECHO", "b")]))[0] == [b"a", b"b"]
+    finally:
+        await client.close()

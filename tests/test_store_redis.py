@@ -398,3 +398,39 @@ async def test_open_store_picks_the_store_the_url_names(
             assert (await store.observe("/a")).minted is Cause.FIRST_SIGHT
         finally:
             await store.close()
+
+
+def test_a_proxy_on_one_redis_server_never_imports_redis_py(redis_server: RedisServer) -> None:
+    """redis-py costs a proxy process ~15 MB; on a single server every
+    operation goes through the lean client, so it is never imported."""
+    import subprocess
+    import sys
+
+    script = f"""
+import asyncio, sys
+import etagproxy.app, etagproxy.cli
+from etagproxy.config import parse_store_url
+from etagproxy.store import open_store
+from etagproxy.store.base import Outcome, Replay, WriteCondition
+
+async def main():
+    store = open_store(parse_store_url({redis_server.url!r}), timeout_s=2.0)
+    obs = await store.observe("/a", reader="r")
+    await store.confirm("/a", obs.version.token)
+    await store.record_reader("/a", "r", 1000)
+    begun = await store.begin("/a", WriteCondition(), "w", 5000, 0)
+    await store.end("/a", "w", Outcome.SUCCESS)
+    await store.put_replay("/a", "i", Replay("f", 200, (("ETag", '"x"'),), b"{{}}"), 1000)
+    assert (await store.get_replay("/a", "i")).body == b"{{}}"
+    await store.invalidate(["/a", "/b"])
+    await store.fingerprint("/a", (await store.observe("/a")).version.token, "d")
+    await store.inspect("/a")
+    await store.ping()
+    await store.close()
+
+asyncio.run(main())
+loaded = sorted(m for m in sys.modules if m == "redis" or m.startswith("redis."))
+assert not loaded, loaded
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

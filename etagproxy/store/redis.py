@@ -33,15 +33,6 @@ from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from redis.asyncio import Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
-
 from etagproxy.store.resp import ReplyError, RespClient, RespError
 from etagproxy.store.base import (
     BeginResult,
@@ -59,11 +50,15 @@ from etagproxy.store.base import (
 )
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+    from redis.commands.core import AsyncScript
+
     from etagproxy.config import StoreConfig
 
-WEEK_MS = 7 * 86_400_000
+    RedisClient = Redis | RedisCluster
 
-RedisClient = Redis | RedisCluster
+WEEK_MS = 7 * 86_400_000
 
 
 def _lua(name: str) -> str:
@@ -155,19 +150,36 @@ class _LeanScript:
     async def __call__(self, keys: list[str], args: list[Any]) -> Any:
         return await self._client.evalsha(self.script, keys, args)
 
+    async def many(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """The script once per call, all in one write; loaded on NOSCRIPT."""
+        commands = [("EVALSHA", self.sha, len(keys), *keys, *args) for keys, args in calls]
+        try:
+            return (await self._client.pipeline(commands))[0]
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        await self._client.execute("SCRIPT", "LOAD", self.script)
+        return (await self._client.pipeline(commands))[0]
+
 
 class RedisStore:
     """A `VersionStore` in Redis, shared by every proxy process that uses it.
 
-    The store owns `client` and closes it in `close()`. Every call is bounded
-    by `timeout_s` (BEGIN by that per round trip, plus `wait_ms` in total).
-    With `min_replicas`, a BEGIN is only granted once that many replicas
-    acknowledged the lease (`WAIT`), so a failover cannot forget it.
+    The store owns its clients and closes them in `close()`. Every call is
+    bounded by `timeout_s` (BEGIN by that per round trip, plus `wait_ms` in
+    total). With `min_replicas`, a BEGIN is only granted once that many
+    replicas acknowledged the lease (`WAIT`), so a failover cannot forget it.
+
+    Clients: `lean` (the pipelined RespClient) serves a single server on its
+    own; redis-py (`client`) is there for Cluster and Sentinel discovery and
+    for BEGIN + WAIT, which must not hold up the shared connection. redis-py
+    is imported only when a client of it is made: a proxy on one server
+    does without its ~15 MB.
     """
 
     def __init__(
         self,
-        client: RedisClient,
+        client: RedisClient | None,
         *,
         prefix: str = "etagproxy:",
         token_ttl_ms: int = WEEK_MS,
@@ -179,13 +191,19 @@ class RedisStore:
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"store prefix {prefix!r} must not contain '{{' or '}}' (hash tags)")
+        if client is None and (lean is None or min_replicas):
+            raise ValueError("a store without a redis-py client needs the lean client and no min_replicas")
         self.epoch = ""
         """run_id of the server that answered the last OBSERVE or BEGIN."""
         self._restarted = ""
         """An epoch this process saw replace an older one: BEGIN is fenced
         there until one lease has passed since that server started."""
         self._client = client
-        self._cluster = client if isinstance(client, RedisCluster) else None
+        self._cluster: RedisCluster | None = None
+        if client is not None:
+            from redis.asyncio.cluster import RedisCluster
+
+            self._cluster = client if isinstance(client, RedisCluster) else None
         self._closing = tuple(closing)
         self._prefix = prefix
         self._ttl_ms = token_ttl_ms
@@ -193,7 +211,14 @@ class RedisStore:
         self._min_replicas = min_replicas
         self._min_replicas_timeout_ms = min_replicas_timeout_ms
         self._wakeups = _Wakeups()
-        register = client.register_script
+        self._lean = lean
+        # Every script goes through the one pipelined connection when there
+        # is one (~11 us of client CPU per call instead of ~50 with
+        # redis-py, bench/clients.py); BEGIN + WAIT stays on redis-py.
+        register: Any = (
+            (lambda script: _LeanScript(lean, script)) if lean is not None
+            else client.register_script  # type: ignore[union-attr]
+        )
         self._observe = register(OBSERVE)
         self._begin = register(BEGIN)
         self._end = register(END)
@@ -201,58 +226,22 @@ class RedisStore:
         self._fingerprint = register(FINGERPRINT)
         self._confirm = register(CONFIRM)
         self._put_replay = register(PUT_REPLAY)
-        self._lean = lean
-        if lean is not None:
-            # The per-request scripts go through one pipelined connection
-            # (~11 us of client CPU per call instead of ~50 with redis-py,
-            # bench/clients.py); pipelines with WAIT and multi-key
-            # invalidation stay on redis-py.
-            self._observe = _LeanScript(lean, OBSERVE)  # type: ignore[assignment]
-            self._begin = _LeanScript(lean, BEGIN)  # type: ignore[assignment]
-            self._end = _LeanScript(lean, END)  # type: ignore[assignment]
-            self._confirm = _LeanScript(lean, CONFIRM)  # type: ignore[assignment]
-            self._fingerprint = _LeanScript(lean, FINGERPRINT)  # type: ignore[assignment]
-            self._put_replay = _LeanScript(lean, PUT_REPLAY)  # type: ignore[assignment]
         self._inspect = register(INSPECT)
 
     @classmethod
     def from_config(cls, cfg: StoreConfig, *, timeout_s: float) -> RedisStore:
         """Connect as `cfg` says (kind: redis | sentinel | cluster)."""
-        common: dict[str, Any] = {
-            "username": cfg.username,
-            "password": cfg.password,
-            "socket_connect_timeout": timeout_s,
-            # One immediate retry on a fresh connection hides pooled
-            # connections that died with a restarted server. Repeating a
-            # script whose reply was lost is harmless: BEGIN recognises its
-            # own call, a repeated END reports the lease lost (no ETag), the
-            # others at worst mint once more.
-            "retry": Retry(NoBackoff(), 1),
-        }
-        if cfg.tls:
-            common["ssl"] = True
-        closing: list[Redis] = []
-        client: RedisClient
-        if cfg.kind == "cluster":
-            nodes = [ClusterNode(host, port) for host, port in cfg.hosts]
-            client = RedisCluster(startup_nodes=nodes, **common)
-        elif cfg.kind == "sentinel":
-            if not cfg.service_name:
-                raise ValueError("a sentinel store needs the master's service name")
-            sentinel_kwargs = {"socket_connect_timeout": timeout_s, "ssl": cfg.tls}
-            sentinel = Sentinel(  # type: ignore[no-untyped-call]  # unannotated in redis-py
-                list(cfg.hosts), sentinel_kwargs=sentinel_kwargs, db=cfg.db, **common
-            )
-            client = sentinel.master_for(cfg.service_name)
-            closing = list(sentinel.sentinels)
         lean = None
         if cfg.kind not in ("cluster", "sentinel"):
             host, port = cfg.hosts[0]
-            client = Redis(host=host, port=port, db=cfg.db, **common)
             lean = RespClient(
                 host, port, db=cfg.db, username=cfg.username, password=cfg.password,
                 tls=cfg.tls, connect_timeout=timeout_s, timeout=timeout_s,
             )
+        client: RedisClient | None = None
+        closing: list[Redis] = []
+        if lean is None or cfg.min_replicas:
+            client, closing = _redis_py_client(cfg, timeout_s)
         return cls(
             client,
             prefix=cfg.prefix,
@@ -296,10 +285,18 @@ class RedisStore:
         if isinstance(exc, TimeoutError):
             ms = round((self._timeout_s + extra_s) * 1000)
             return StoreError(f"redis {op}: no answer within {ms} ms")
-        if isinstance(exc, (RedisConnectionError, RespError)):
+        if isinstance(exc, RespError):
             return StoreError(f"redis {op}: unreachable: {exc}")
-        if isinstance(exc, (RedisError, RedisClusterException, ReplyError)):
+        if isinstance(exc, ReplyError):
             return StoreError(f"redis {op}: {exc}")
+        if self._client is not None:
+            from redis.exceptions import ConnectionError as RedisConnectionError
+            from redis.exceptions import RedisClusterException, RedisError
+
+            if isinstance(exc, RedisConnectionError):
+                return StoreError(f"redis {op}: unreachable: {exc}")
+            if isinstance(exc, (RedisError, RedisClusterException)):
+                return StoreError(f"redis {op}: {exc}")
         # A client-internal failure (races like the one in `_guard`) or a
         # reply of the wrong shape: the store did not answer usably either
         # way, and callers fail closed on StoreError.
@@ -314,12 +311,17 @@ class RedisStore:
         return redis_key(self._prefix, key)
 
     async def _pipelined(
-        self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]], *, wait_for: int = 0
+        self, script: AsyncScript | _LeanScript, calls: list[tuple[list[str], list[Any]]], *, wait_for: int = 0
     ) -> list[Any]:
         """Run `script` once per call in one round trip per node, followed by
         `WAIT wait_for` on the same connection when `wait_for` > 0. Sends
         EVALSHA itself: a pipeline given Script objects asks SCRIPT EXISTS
         first every time."""
+        if not wait_for and isinstance(script, _LeanScript):
+            return await script.many(calls)
+        assert self._client is not None
+        from redis.exceptions import NoScriptError
+
         for attempt in (1, 2):
             pipe = self._client.pipeline(transaction=False)
             for keys, args in calls:
@@ -395,7 +397,7 @@ class RedisStore:
                 raise self._store_error("record_reader", exc) from exc
             return
         async with self._guard("record_reader"):
-            await self._client.set(name, b"1", px=ttl_ms)
+            await self._client.set(name, b"1", px=ttl_ms)  # type: ignore[union-attr]
 
     async def begin(self, key: str, cond: WriteCondition, owner: str, lease_ms: int, wait_ms: int) -> BeginResult:
         rkey = self._rkey(key)
@@ -461,6 +463,12 @@ class RedisStore:
         if not keys:
             return
         calls = [([self._rkey(key)], [new_token(), self._ttl_ms]) for key in keys]
+        if self._lean is not None:
+            try:
+                await self._pipelined(self._invalidate, calls)
+            except Exception as exc:
+                raise self._store_error("invalidate", exc) from exc
+            return
         async with self._guard("invalidate"):
             await self._pipelined(self._invalidate, calls)
 
@@ -469,8 +477,17 @@ class RedisStore:
         return _version(*reply) if reply else None
 
     async def get_replay(self, key: str, idem: str) -> Replay | None:
-        async with self._guard("get_replay"):
-            fields: dict[bytes, bytes] = await self._client.hgetall(f"{self._rkey(key)}:i:{idem}")  # type: ignore[assignment]
+        name = f"{self._rkey(key)}:i:{idem}"
+        fields: dict[bytes, bytes]
+        if self._lean is not None:
+            try:
+                flat: list[bytes] = await self._lean.execute("HGETALL", name)  # type: ignore[assignment]
+            except Exception as exc:
+                raise self._store_error("get_replay", exc) from exc
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        else:
+            async with self._guard("get_replay"):
+                fields = await self._client.hgetall(name)  # type: ignore[union-attr,misc]
         if not fields:
             return None
         headers = tuple((name, value) for name, value in json.loads(fields[b"h"]))
@@ -478,8 +495,7 @@ class RedisStore:
 
     async def inspect(self, key: str) -> KeyInfo:
         rkey = self._rkey(key)
-        async with self._guard("inspect"):
-            now, run_id, pttl, *flat = await self._inspect([rkey])
+        now, run_id, pttl, *flat = await self._call("inspect", self._inspect, [rkey], [])
         h = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
         extra = {"redis_key": rkey, "run_id": run_id.decode()}
         if "d" in h:
@@ -510,11 +526,48 @@ class RedisStore:
                 raise self._store_error("ping", exc) from exc
             return
         async with self._guard("ping"):
-            await self._client.ping()
+            await self._client.ping()  # type: ignore[union-attr]
 
     async def close(self) -> None:
         if self._lean is not None:
             await self._lean.close()
-        await self._client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
         for client in self._closing:
             await client.aclose()
+
+
+def _redis_py_client(cfg: StoreConfig, timeout_s: float) -> tuple[RedisClient, list[Redis]]:
+    """A redis-py client for `cfg` and the Sentinel clients to close with it."""
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.retry import Retry
+    from redis.asyncio.sentinel import Sentinel
+    from redis.backoff import NoBackoff
+
+    common: dict[str, Any] = {
+        "username": cfg.username,
+        "password": cfg.password,
+        "socket_connect_timeout": timeout_s,
+        # One immediate retry on a fresh connection hides pooled
+        # connections that died with a restarted server. Repeating a
+        # script whose reply was lost is harmless: BEGIN recognises its
+        # own call, a repeated END reports the lease lost (no ETag), the
+        # others at worst mint once more.
+        "retry": Retry(NoBackoff(), 1),
+    }
+    if cfg.tls:
+        common["ssl"] = True
+    if cfg.kind == "cluster":
+        nodes = [ClusterNode(host, port) for host, port in cfg.hosts]
+        return RedisCluster(startup_nodes=nodes, **common), []
+    if cfg.kind == "sentinel":
+        if not cfg.service_name:
+            raise ValueError("a sentinel store needs the master's service name")
+        sentinel_kwargs = {"socket_connect_timeout": timeout_s, "ssl": cfg.tls}
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # unannotated in redis-py
+            list(cfg.hosts), sentinel_kwargs=sentinel_kwargs, db=cfg.db, **common
+        )
+        return sentinel.master_for(cfg.service_name), list(sentinel.sentinels)
+    host, port = cfg.hosts[0]
+    return Redis(host=host, port=port, db=cfg.db, **common), []

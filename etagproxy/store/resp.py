@@ -252,11 +252,19 @@ class RespClient:
 
     async def execute(self, *args: bytes | str | int | float) -> object:
         """Send one command and return its reply (error replies raise
-        ReplyError; no reply within `timeout` raises TimeoutError)."""
+        ReplyError; no reply within `timeout` raises TimeoutError).
+
+        A command that fails because a kept connection turned out dead (the
+        server restarted since its last use) is sent once more on a new
+        one, as redis-py does: every command the store sends is safe to
+        repeat (see `RedisStore`)."""
         proto = self._proto
         if proto is None or proto.lost:
-            proto = await self._conn()
-        return await self._send(proto, args)
+            return await self._send(await self._conn(), args)
+        try:
+            return await self._send(proto, args)
+        except RespError:
+            return await self._send(await self._conn(), args)
 
     async def pipeline(
         self, commands: Sequence[Sequence[bytes | str | int | float]]
@@ -265,7 +273,15 @@ class RespClient:
         server that answered them (b"" if it did not tell)."""
         proto = self._proto
         if proto is None or proto.lost:
-            proto = await self._conn()
+            return await self._pipeline(await self._conn(), commands)
+        try:
+            return await self._pipeline(proto, commands)
+        except RespError:  # a kept connection found dead: once more (see `execute`)
+            return await self._pipeline(await self._conn(), commands)
+
+    async def _pipeline(
+        self, proto: _Protocol, commands: Sequence[Sequence[bytes | str | int | float]]
+    ) -> tuple[list[object], bytes]:
         futures = [self._send(proto, cmd) for cmd in commands]
         replies: list[object] = []
         error: BaseException | None = None
