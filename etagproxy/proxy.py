@@ -93,6 +93,14 @@ class BodyTooLarge(Exception):
     pass
 
 
+class _HeldResponse(web.StreamResponse):
+    """A relayed response whose body is at hand: its headers go out with the
+    first piece of body, in one system call (a plain StreamResponse sends
+    them on their own as soon as it is prepared)."""
+
+    _send_headers_immediately = False
+
+
 @dataclass(frozen=True, slots=True)
 class Selected:
     """How a 2xx read selected one representation, kept per process so that
@@ -228,6 +236,7 @@ class Proxy:
         self.on_exchange = on_exchange
         self.trusted = hdr.TrustedProxies(config.trusted_proxies)
         self.tasks: set[asyncio.Task[object]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._children: dict[tuple[int, tuple[object, ...]], Any] = {}
         self.selected: OrderedDict[tuple[str, str], Selected] = OrderedDict()
         t = config.timeouts
@@ -243,9 +252,18 @@ class Proxy:
 
     # -- plumbing ------------------------------------------------------------
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once: `asyncio.get_running_loop()`
+        (and `ensure_future`, which calls it) is a system call on 3.11."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def spawn(self, coro: object) -> None:
         """Run a background task and keep a reference until it is done."""
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        task = self.loop.create_task(coro)  # type: ignore[arg-type]
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -388,7 +406,10 @@ class Proxy:
             # (reads only: a write's 2xx means it landed).
             body, complete = await up.read(length)  # type: ignore[attr-defined]
             more = not complete
-        resp = web.StreamResponse(status=status, reason=up.reason, headers=headers)  # type: ignore[attr-defined]
+        held = body is not None or up.body_ready  # type: ignore[attr-defined]
+        resp = (_HeldResponse if held else web.StreamResponse)(
+            status=status, reason=up.reason, headers=headers  # type: ignore[attr-defined]
+        )
         if body is not None and not more:
             resp.content_length = len(body)
         elif length is not None:
@@ -899,7 +920,7 @@ class Proxy:
         self, ex: Exchange, key: str, owner: str, outcome: Outcome, *, exists: bool = True
     ) -> Version | None:
         """END, shielded: a client that hangs up must not leave a lease behind."""
-        task = asyncio.ensure_future(
+        task = self.loop.create_task(
             self._timed_store(ex, "end", self.store.end(key, owner, outcome, exists=exists))
         )
         self.tasks.add(task)

@@ -118,6 +118,11 @@ class UpstreamResponse:
         return self._conn.content_length
 
     @property
+    def body_ready(self) -> bool:
+        """Whether body bytes (or the end of the body) are here already."""
+        return bool(self._conn.body) or self._conn.message_complete
+
+    @property
     def headers(self) -> CIMultiDictProxy[str]:
         if self._headers is None:
             md: CIMultiDict[str] = CIMultiDict(
@@ -547,13 +552,16 @@ class Upstream:
         connection is aborted and the reader gets UpstreamTimeout.
         """
         origin, target = url
-        loop = asyncio.get_running_loop()
+        pooled = self._checkout(origin)
+        # The loop's clock, from a pooled connection if there is one:
+        # `asyncio.get_running_loop()` is a system call (getpid) on 3.11.
+        loop = pooled.loop if pooled is not None else asyncio.get_running_loop()
         deadline = loop.time() + timeout
         replayable = method in RETRYABLE and (body is None or isinstance(body, bytes))
         conn: _Connection | None = None
         try:
             for attempt in (0, 1):
-                conn = self._checkout(origin) if attempt == 0 else None
+                conn = pooled if attempt == 0 else None
                 if conn is None:
                     conn = await self._connect(origin, deadline)
                 conn.expect_by(deadline)

@@ -59,8 +59,10 @@ def pack(args: Sequence[bytes | str | int | float]) -> bytes:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, client: RespClient) -> None:
+    def __init__(self, client: RespClient, loop: asyncio.AbstractEventLoop) -> None:
         self.client = client
+        # Kept: `asyncio.get_running_loop()` is a system call (getpid) on 3.11.
+        self.loop = loop
         self.reader = hiredis.Reader(replyError=ReplyError)
         self.transport: asyncio.Transport | None = None
         self.waiters: collections.deque[asyncio.Future[object]] = collections.deque()
@@ -107,11 +109,11 @@ class _Protocol(asyncio.Protocol):
         """Fail `fut` with TimeoutError if it is still unanswered at `deadline`."""
         self.deadlines.append((deadline, fut))
         if self.watchdog is None:
-            self.watchdog = asyncio.get_running_loop().call_at(deadline, self._expire)
+            self.watchdog = self.loop.call_at(deadline, self._expire)
 
     def _expire(self) -> None:
         self.watchdog = None
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         now = loop.time()
         deadlines = self.deadlines
         while deadlines:
@@ -133,7 +135,7 @@ class _Protocol(asyncio.Protocol):
             if len(self.waiters) == 1 and self.transport is not None:
                 self.transport.write(data)  # nothing else in flight
                 return
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.loop.call_soon(self.flush)
         self.outgoing.append(data)
 
     def flush(self) -> None:
@@ -195,7 +197,7 @@ class RespClient:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, proto = await loop.create_connection(
-                    lambda: _Protocol(self), self.host, self.port, ssl=self._ssl,
+                    lambda: _Protocol(self, loop), self.host, self.port, ssl=self._ssl,
                     server_hostname=self.host if self._ssl else None,
                 )
                 setup: list[list[bytes | str | int]] = []
@@ -242,7 +244,7 @@ class RespClient:
     def _send(self, proto: _Protocol, args: Sequence[bytes | str | int | float]) -> asyncio.Future[object]:
         if proto.lost or proto.transport is None:
             raise RespError("connection lost")
-        loop = asyncio.get_running_loop()
+        loop = proto.loop
         fut: asyncio.Future[object] = loop.create_future()
         proto.waiters.append(fut)
         proto.queue(pack(args))
