@@ -16,7 +16,10 @@ what the store needs:
   the same way. A command on an idle connection goes out at once, so a lone
   request pays no extra latency;
 - replies parsed by hiredis' C reader;
-- AUTH / SELECT on connect; reconnect on the next call after a failure;
+- AUTH / SELECT and the server's run_id (`INFO server`) on connect;
+  reconnect on the next call after a failure, and a command that finds its
+  kept connection dead (the server restarted since) is sent once more on a
+  new one;
 - a broken connection fails every command in flight with `RespError`
   (the store translates it into StoreError: the outcome of a write script
   in flight is then unknown, which the write protocol already handles);
