@@ -29,7 +29,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -276,8 +276,13 @@ class RedisStore:
         if self._lean is None:
             async with self._guard(op):
                 return await script(keys, args)
+        return await self._answer(op, script(keys, args))
+
+    async def _answer(self, op: str, call: Awaitable[Any]) -> Any:
+        """Await a call of the lean client (it bounds replies itself) and
+        translate its failures to StoreError."""
         try:
-            return await script(keys, args)
+            return await call
         except Exception as exc:
             raise self._store_error(op, exc) from exc
 
@@ -369,11 +374,8 @@ class RedisStore:
         if reader is not None:
             commands.append(("EXISTS", f"{rkey}:r:{reader}"))
         assert self._lean is not None
-        try:
-            replies, run_id = await self._lean.pipeline(commands)
-            state, epoch, token, minted, exists = replies[0]  # type: ignore[misc]
-        except Exception as exc:
-            raise self._store_error("observe", exc) from exc
+        replies, run_id = await self._answer("observe", self._lean.pipeline(commands))
+        state, epoch, token, minted, exists = replies[0]
         if state != b"c" or not run_id or epoch != run_id:
             return None
         version = _version(token, minted, exists, epoch)
@@ -391,10 +393,7 @@ class RedisStore:
             return
         name = f"{self._rkey(key)}:r:{reader}"
         if self._lean is not None:
-            try:
-                await self._lean.execute("SET", name, b"1", "PX", ttl_ms)
-            except Exception as exc:
-                raise self._store_error("record_reader", exc) from exc
+            await self._answer("record_reader", self._lean.execute("SET", name, b"1", "PX", ttl_ms))
             return
         async with self._guard("record_reader"):
             await self._client.set(name, b"1", px=ttl_ms)  # type: ignore[union-attr]
@@ -464,10 +463,7 @@ class RedisStore:
             return
         calls = [([self._rkey(key)], [new_token(), self._ttl_ms]) for key in keys]
         if self._lean is not None:
-            try:
-                await self._pipelined(self._invalidate, calls)
-            except Exception as exc:
-                raise self._store_error("invalidate", exc) from exc
+            await self._answer("invalidate", self._pipelined(self._invalidate, calls))
             return
         async with self._guard("invalidate"):
             await self._pipelined(self._invalidate, calls)
@@ -480,10 +476,7 @@ class RedisStore:
         name = f"{self._rkey(key)}:i:{idem}"
         fields: dict[bytes, bytes]
         if self._lean is not None:
-            try:
-                flat: list[bytes] = await self._lean.execute("HGETALL", name)  # type: ignore[assignment]
-            except Exception as exc:
-                raise self._store_error("get_replay", exc) from exc
+            flat: list[bytes] = await self._answer("get_replay", self._lean.execute("HGETALL", name))
             fields = dict(zip(flat[::2], flat[1::2], strict=True))
         else:
             async with self._guard("get_replay"):
@@ -520,10 +513,7 @@ class RedisStore:
 
     async def ping(self) -> None:
         if self._lean is not None:
-            try:
-                await self._lean.execute("PING")
-            except Exception as exc:
-                raise self._store_error("ping", exc) from exc
+            await self._answer("ping", self._lean.execute("PING"))
             return
         async with self._guard("ping"):
             await self._client.ping()  # type: ignore[union-attr]
