@@ -137,3 +137,60 @@ async def test_a_kept_connection_found_dead_is_replaced_for_the_next_command(red
         assert (await client.pipeline([("ECHO", "a"), ("ECHO", "b")]))[0] == [b"a", b"b"]
     finally:
         await client.close()
+
+
+async def test_a_command_that_cannot_be_packed_is_not_queued(redis_server):
+    client = RespClient(redis_server.host, redis_server.port, timeout=2.0)
+    try:
+        await client.execute("SET", "a", "A")
+        await client.execute("SET", "b", "B")
+        with pytest.raises(TypeError):
+            await client.execute("SET", "x", None)  # type: ignore[arg-type]
+        # No reply is owed to it, so the next replies go to their own commands.
+        assert await asyncio.gather(client.execute("GET", "a"), client.execute("GET", "b")) == [b"A", b"B"]
+    finally:
+        await client.close()
+
+
+async def test_one_deadline_covers_the_second_attempt_and_its_reconnect():
+    """A kept connection dies; the new one is accepted but never answered.
+    The call fails within its own timeout, not the (longer) connect timeout."""
+    connections = 0
+    handled: list[asyncio.Event] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        done = asyncio.Event()
+        handled.append(done)
+        if connections == 1:
+            await reader.readuntil(b"server\r\n")  # INFO server at connect
+            writer.write(b"$19\r\nrun_id:0123456789ab\r\n")
+            await reader.readuntil(b"PING\r\n")
+            writer.write(b"+PONG\r\n")
+            await writer.drain()
+            await reader.read(1)  # the next command arrives on a connection about to die
+            writer.transport.abort()
+        else:
+            await reader.read()  # accepted, never answered, until the client leaves
+        writer.close()
+        await writer.wait_closed()
+        done.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = RespClient("127.0.0.1", port, connect_timeout=5.0, timeout=0.3)
+    try:
+        assert await client.execute("PING") == b"PONG"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(TimeoutError):
+            await client.execute("PING")
+        assert loop.time() - start < 1.0
+        assert connections == 2
+    finally:
+        await client.close()
+        for done in handled:  # both ends of every connection closed before the loop goes
+            await done.wait()
+        server.close()
+        await server.wait_closed()

@@ -29,7 +29,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +89,16 @@ def redis_key(prefix: str, key: str) -> str:
     # "%00" is no escape's output, so the empty key cannot collide; an empty
     # tag would make Redis hash the whole name and split the resource's keys.
     return f"{prefix}{{{tag or '%00'}}}"
+
+
+def _as_is(reply: Any) -> Any:
+    return reply
+
+
+def _observation(reply: list[Any]) -> Observation:
+    """OBSERVE's reply (lua/observe.lua)."""
+    t, m, x, e, pending, cause, seen = reply
+    return Observation(_version(t, m, x, e), pending == 1, Cause(cause.decode()) if cause else None, seen == 1)
 
 
 def _version(token: bytes, minted: bytes | int, exists: bytes | int, epoch: bytes) -> Version:
@@ -151,15 +161,18 @@ class _LeanScript:
         return await self._client.evalsha(self.script, keys, args)
 
     async def many(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """The script once per call, all in one write; loaded on NOSCRIPT."""
+        """The script once per call, all in one write; loaded on NOSCRIPT.
+        Everything within one deadline."""
+        client = self._client
+        until = client.deadline()
         commands = [("EVALSHA", self.sha, len(keys), *keys, *args) for keys, args in calls]
         try:
-            return (await self._client.pipeline(commands))[0]
+            return (await client.pipeline(commands, until))[0]
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        await self._client.execute("SCRIPT", "LOAD", self.script)
-        return (await self._client.pipeline(commands))[0]
+        await client.execute("SCRIPT", "LOAD", self.script, until=until)
+        return (await client.pipeline(commands, until))[0]
 
 
 class RedisStore:
@@ -270,19 +283,23 @@ class RedisStore:
         except Exception as exc:
             raise self._store_error(op, exc, extra_s) from exc
 
-    async def _call(self, op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run one script: through the lean client when there is one (it
-        bounds each reply by `timeout_s` itself), else guarded."""
+    async def _call(
+        self, op: str, script: Any, keys: list[str], args: list[Any],
+        then: Callable[[Any], Any] = _as_is,
+    ) -> Any:
+        """Run one script and `then` on its reply: through the lean client
+        when there is one (it bounds the call by `timeout_s` itself), else
+        guarded. A reply of the wrong shape is a StoreError too."""
         if self._lean is None:
             async with self._guard(op):
-                return await script(keys, args)
-        return await self._answer(op, script(keys, args))
+                return then(await script(keys, args))
+        return await self._answer(op, script(keys, args), then)
 
-    async def _answer(self, op: str, call: Awaitable[Any]) -> Any:
-        """Await a call of the lean client (it bounds replies itself) and
-        translate its failures to StoreError."""
+    async def _answer(self, op: str, call: Awaitable[Any], then: Callable[[Any], Any] = _as_is) -> Any:
+        """Await a call of the lean client and `then` on its reply,
+        translating every failure to StoreError."""
         try:
-            return await call
+            return then(await call)
         except Exception as exc:
             raise self._store_error(op, exc) from exc
 
@@ -356,11 +373,11 @@ class RedisStore:
             if committed is not None:
                 return committed
         keys = [rkey] if reader is None else [rkey, f"{rkey}:r:{reader}"]
-        t, m, x, e, pending, cause, seen = await self._call("observe", self._observe, keys, [new_token(), self._ttl_ms])
-        version = _version(t, m, x, e)
-        self._saw_epoch(version.epoch)
-        minted = Cause(cause.decode()) if cause else None
-        return Observation(version, pending == 1, minted, seen == 1)
+        obs: Observation = await self._call(
+            "observe", self._observe, keys, [new_token(), self._ttl_ms], _observation
+        )
+        self._saw_epoch(obs.version.epoch)
+        return obs
 
     async def _observe_committed(self, rkey: str, reader: str | None) -> Observation | None:
         """OBSERVE without the script, for the usual case: a version of this
@@ -374,13 +391,19 @@ class RedisStore:
         if reader is not None:
             commands.append(("EXISTS", f"{rkey}:r:{reader}"))
         assert self._lean is not None
-        replies, run_id = await self._answer("observe", self._lean.pipeline(commands))
-        state, epoch, token, minted, exists = replies[0]
-        if state != b"c" or not run_id or epoch != run_id:
-            return None
-        version = _version(token, minted, exists, epoch)
-        self._saw_epoch(version.epoch)
-        return Observation(version, False, None, reader is not None and replies[1] == 1)
+
+        def committed(answer: tuple[list[Any], bytes]) -> Observation | None:
+            replies, run_id = answer
+            state, epoch, token, minted, exists = replies[0]
+            if state != b"c" or not run_id or epoch != run_id:
+                return None
+            version = _version(token, minted, exists, epoch)
+            return Observation(version, False, None, reader is not None and replies[1] == 1)
+
+        obs: Observation | None = await self._answer("observe", self._lean.pipeline(commands), committed)
+        if obs is not None:
+            self._saw_epoch(obs.version.epoch)
+        return obs
 
     async def confirm(self, key: str, token: str) -> None:
         """A 2xx read showed that the resource at `token` exists."""

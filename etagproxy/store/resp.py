@@ -23,10 +23,12 @@ what the store needs:
 - a broken connection fails every command in flight with `RespError`
   (the store translates it into StoreError: the outcome of a write script
   in flight is then unknown, which the write protocol already handles);
-- with `timeout`, a command unanswered that long after it was sent fails
-  with `TimeoutError` (its reply, if it comes, is read and dropped). One
-  timer per connection enforces it, armed for the oldest command: a timer
-  per command (`asyncio.timeout`) costs more than the rest of the call.
+- with `timeout`, a call (reconnecting, a second attempt, the NOSCRIPT
+  fallback included) that has no reply that long after it started fails
+  with `TimeoutError`; a reply that comes later is read and dropped. One
+  timer per connection enforces it, armed for the earliest deadline: a
+  timer per command (`asyncio.timeout`) costs more than the rest of the
+  call.
 
 Cluster and Sentinel discovery stay with redis-py; a Sentinel-resolved
 master could use this client too.
@@ -37,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import math
 import re
 import socket
 import ssl as ssl_module
@@ -46,6 +49,11 @@ import hiredis
 
 
 _RUN_ID = re.compile(rb"run_id:([0-9a-f]+)")
+
+
+def _retrieve(fut: asyncio.Future[object]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class RespError(Exception):
@@ -72,6 +80,7 @@ class _Protocol(asyncio.Protocol):
         # (deadline, future) per command sent with a timeout, oldest first.
         self.deadlines: collections.deque[tuple[float, asyncio.Future[object]]] = collections.deque()
         self.watchdog: asyncio.TimerHandle | None = None
+        self.watchdog_at = math.inf
         self.lost = False
         self.outgoing: list[bytes] = []
         """Commands packed in this turn of the loop, written by `flush`."""
@@ -111,26 +120,36 @@ class _Protocol(asyncio.Protocol):
     def expect_by(self, deadline: float, fut: asyncio.Future[object]) -> None:
         """Fail `fut` with TimeoutError if it is still unanswered at `deadline`."""
         self.deadlines.append((deadline, fut))
-        if self.watchdog is None:
-            self.watchdog = self.loop.call_at(deadline, self._expire)
+        if deadline < self.watchdog_at:
+            self._watch(deadline)
+
+    def _watch(self, when: float) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        self.watchdog_at = when
+        self.watchdog = self.loop.call_at(when, self._expire)
 
     def _expire(self) -> None:
+        # Runs about once per timeout while commands flow: answered entries
+        # are dropped, overdue ones failed, and the timer re-armed for the
+        # earliest of the rest (a retried call may carry an earlier
+        # deadline than commands sent before it).
         self.watchdog = None
-        loop = self.loop
-        now = loop.time()
-        deadlines = self.deadlines
-        while deadlines:
-            deadline, fut = deadlines[0]
+        self.watchdog_at = math.inf
+        now = self.loop.time()
+        waiting: collections.deque[tuple[float, asyncio.Future[object]]] = collections.deque()
+        earliest = math.inf
+        for deadline, fut in self.deadlines:
             if fut.done():
-                deadlines.popleft()
-            elif deadline <= now:
-                deadlines.popleft()
+                continue
+            if deadline <= now:
                 fut.set_exception(TimeoutError())
-            else:
-                # Deadlines are appended in order of sending, so the first
-                # one still waiting is the earliest (equal timeouts).
-                self.watchdog = loop.call_at(deadline, self._expire)
-                return
+                continue
+            waiting.append((deadline, fut))
+            earliest = min(earliest, deadline)
+        self.deadlines = waiting
+        if waiting:
+            self._watch(earliest)
 
     def queue(self, data: bytes) -> None:
         """Write `data` (the command of the newest waiter), now or batched."""
@@ -152,6 +171,7 @@ class _Protocol(asyncio.Protocol):
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
+        self.watchdog_at = math.inf
         self.deadlines.clear()
         while self.waiters:
             fut = self.waiters.popleft()
@@ -213,15 +233,20 @@ class RespClient:
                     setup.append(["SELECT", self._db])
                 for cmd in setup:
                     await self._send(proto, cmd)
-                info = await self._send(proto, ["INFO", "server"])
+                try:
+                    info = await self._send(proto, ["INFO", "server"])
+                except ReplyError:
+                    info = b""  # INFO refused (ACL, a proxy in between): no run_id
                 found = _RUN_ID.search(info if isinstance(info, bytes) else b"")
                 proto.run_id = found.group(1) if found else b""
-        except (OSError, TimeoutError, ReplyError) as exc:
+        except BaseException as exc:
             if proto is not None and proto.transport is not None:
-                proto.transport.close()  # opened, but AUTH/SELECT failed or took too long
+                proto.transport.close()  # opened, but the setup failed, took too long or was cancelled
             if isinstance(exc, ReplyError):
                 raise RespError(f"{self.host}:{self.port} refused the connection setup: {exc}") from exc
-            raise RespError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+            if isinstance(exc, (OSError, TimeoutError)):
+                raise RespError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+            raise
         return proto
 
     async def _conn(self) -> _Protocol:
@@ -244,57 +269,85 @@ class RespClient:
         finally:
             self._connecting = None
 
-    def _send(self, proto: _Protocol, args: Sequence[bytes | str | int | float]) -> asyncio.Future[object]:
+    def deadline(self) -> float | None:
+        """When a call starting now must have its reply (None: never)."""
+        if self.timeout is None:
+            return None
+        proto = self._proto
+        loop = proto.loop if proto is not None else asyncio.get_running_loop()
+        return loop.time() + self.timeout
+
+    async def _reconnect(self, until: float | None) -> _Protocol:
+        if until is None:
+            return await self._conn()
+        async with asyncio.timeout_at(until):
+            return await self._conn()
+
+    @staticmethod
+    def _send(
+        proto: _Protocol, args: Sequence[bytes | str | int | float], until: float | None = None
+    ) -> asyncio.Future[object]:
         if proto.lost or proto.transport is None:
             raise RespError("connection lost")
-        loop = proto.loop
-        fut: asyncio.Future[object] = loop.create_future()
+        data = pack(args)  # before the waiter: a command that cannot be packed is never queued
+        fut: asyncio.Future[object] = proto.loop.create_future()
         proto.waiters.append(fut)
-        proto.queue(pack(args))
-        if self.timeout is not None:
-            proto.expect_by(loop.time() + self.timeout, fut)
+        proto.queue(data)
+        if until is not None:
+            proto.expect_by(until, fut)
         return fut
 
-    async def execute(self, *args: bytes | str | int | float) -> object:
+    async def execute(self, *args: bytes | str | int | float, until: float | None = None) -> object:
         """Send one command and return its reply (error replies raise
-        ReplyError; no reply within `timeout` raises TimeoutError).
+        ReplyError; no reply by `until`, default `timeout` from now, raises
+        TimeoutError).
 
         A command that fails because a kept connection turned out dead (the
         server restarted since its last use) is sent once more on a new
-        one, as redis-py does: every command the store sends is safe to
-        repeat (see `RedisStore`)."""
+        one, within the same deadline, as redis-py does: every command the
+        store sends is safe to repeat (see `RedisStore`)."""
+        if until is None:
+            until = self.deadline()
         proto = self._proto
-        if proto is None or proto.lost:
-            return await self._send(await self._conn(), args)
-        try:
-            return await self._send(proto, args)
-        except RespError:
-            return await self._send(await self._conn(), args)
+        if proto is not None and not proto.lost:
+            try:
+                return await self._send(proto, args, until)
+            except RespError:
+                pass
+        return await self._send(await self._reconnect(until), args, until)
 
     async def pipeline(
-        self, commands: Sequence[Sequence[bytes | str | int | float]]
+        self, commands: Sequence[Sequence[bytes | str | int | float]], until: float | None = None
     ) -> tuple[list[object], bytes]:
         """Send `commands` together; their replies, and the run_id of the
-        server that answered them (b"" if it did not tell)."""
+        server that answered them (b"" if it did not tell). Deadline and
+        second attempt as for `execute`."""
+        if until is None:
+            until = self.deadline()
         proto = self._proto
-        if proto is None or proto.lost:
-            return await self._pipeline(await self._conn(), commands)
-        try:
-            return await self._pipeline(proto, commands)
-        except RespError:  # a kept connection found dead: once more (see `execute`)
-            return await self._pipeline(await self._conn(), commands)
+        if proto is not None and not proto.lost:
+            try:
+                return await self._pipeline(proto, commands, until)
+            except RespError:
+                pass
+        return await self._pipeline(await self._reconnect(until), commands, until)
 
     async def _pipeline(
-        self, proto: _Protocol, commands: Sequence[Sequence[bytes | str | int | float]]
+        self, proto: _Protocol, commands: Sequence[Sequence[bytes | str | int | float]], until: float | None
     ) -> tuple[list[object], bytes]:
-        futures = [self._send(proto, cmd) for cmd in commands]
+        futures = [self._send(proto, cmd, until) for cmd in commands]
         replies: list[object] = []
         error: BaseException | None = None
-        for fut in futures:  # every one awaited, so no failure goes unretrieved
-            try:
-                replies.append(await fut)
-            except (ReplyError, RespError, TimeoutError) as exc:
-                error = error or exc
+        try:
+            for fut in futures:
+                try:
+                    replies.append(await fut)
+                except (ReplyError, RespError, TimeoutError) as exc:
+                    error = error or exc
+        finally:
+            for fut in futures:  # cancelled midway: nobody else will look at the rest
+                if not fut.done():
+                    fut.add_done_callback(_retrieve)
         if error is not None:
             raise error
         return replies, proto.run_id
@@ -302,19 +355,24 @@ class RespClient:
     async def evalsha(
         self, script: str, keys: Sequence[str], args: Sequence[bytes | str | int | float]
     ) -> object:
-        """EVALSHA `script`, loading it on NOSCRIPT (a restarted or flushed server)."""
+        """EVALSHA `script`, loading it on NOSCRIPT (a restarted or flushed
+        server); both attempts within one deadline."""
         sha = self._shas.get(script)
         if sha is None:
             sha = self._shas[script] = hashlib.sha1(script.encode()).hexdigest()
+        until = self.deadline()
         try:
-            return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
+            return await self.execute("EVALSHA", sha, len(keys), *keys, *args, until=until)
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        return await self.execute("EVAL", script, len(keys), *keys, *args)
+        return await self.execute("EVAL", script, len(keys), *keys, *args, until=until)
 
     async def close(self) -> None:
         self._closed = True
+        connecting = self._connecting
+        if connecting is not None and not connecting.done():
+            connecting.cancel()  # a connect nobody waits for any more
         proto, self._proto = self._proto, None
         if proto is not None and proto.transport is not None:
             proto.transport.close()
