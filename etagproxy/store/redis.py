@@ -18,7 +18,7 @@ run_id, so it is treated as absent and re-minted (DESIGN §2, "Redis epoch").
 
 Errors::
 
-    StoreError   any redis-py or RespClient error, or a reply later than `timeout_s`,
+    StoreError   any redis-py or RespClient error, or a call longer than `timeout_s`,
                  translated in `RedisStore._store_error`, cause chained
 """
 
