@@ -37,6 +37,7 @@ from etagproxy.etag import EntityTag, make_etag, parse_tag_list
 from etagproxy.guard import ClientBodyError, arrived_body, client_chunks
 from etagproxy.httpdate import format_http_date
 from etagproxy.metrics import Metrics
+from etagproxy.outcome import validators_allowed, write_outcome
 from etagproxy.preconditions import Conditionals, Decision, Representation, evaluate, write_condition
 from etagproxy.problems import problem
 from etagproxy.randomness import random_hex
@@ -835,7 +836,15 @@ class Proxy:
                 resp.headers["Idempotency-Replayed"] = "true"
                 return resp
         authorized = False
-        if cfg.authorize == "upstream":
+        # A DELETE of a resource the proxy knows no current version of
+        # (deleted, or never seen): RFC 9110 §13.2.1 ignores preconditions
+        # when the request without them would not get a 2xx, so a repeat
+        # DELETE gets the upstream's 404, not a 412. The DELETE itself is
+        # never forwarded; a HEAD/GET probe asks whether the resource is
+        # there. Other methods keep their 412: a PUT or PATCH to a missing
+        # resource may create it, which the probe cannot tell.
+        gone = request.method == "DELETE" and (current is None or not current.exists)
+        if cfg.authorize == "upstream" or gone:
             try:
                 refused = await self._authorize(request, ex, target, match)
             except UpstreamError as exc:
@@ -948,12 +957,8 @@ class Proxy:
             async with self._send(match, target, request.method, headers, body, whole=True) as up:  # type: ignore[attr-defined]
                 self._upstream_timing(ex, t0, up.status)
                 status = up.status
-                if 200 <= status < 300:
-                    outcome = Outcome.SUCCESS
-                elif status >= 500:
-                    outcome = Outcome.UNKNOWN
-                else:
-                    outcome = Outcome.REJECTED
+                outcome = write_outcome(status)
+                validated = validators_allowed(status)
                 out = hdr.response_headers(
                     up.raw_headers, drop=RESPONSE_DROP_TRACKED, via=self.config.via, rid=ex.rid
                 )
@@ -961,7 +966,7 @@ class Proxy:
                 replay = None
                 idem = self._idempotency_key(request) if cfg.replay_ttl > 0 else None
                 more = False
-                if outcome is Outcome.SUCCESS and idem is not None and request.method != "HEAD":
+                if validated and idem is not None and request.method != "HEAD":
                     try:
                         # Recorded for replay only if small; a larger body
                         # streams on unrecorded.
@@ -981,11 +986,12 @@ class Proxy:
                 if outcome is not Outcome.REJECTED:
                     # The write landed, or may have: so may what it invalidates.
                     await self._invalidate(ex, match)
-                if outcome is Outcome.SUCCESS and committed is not None:
+                if validated and committed is not None:
                     if cfg.short_circuit or cfg.etag_in_412:
                         # A 2xx write is a success of these credentials too.
                         self.spawn(self._record_reader(match.key, self._creds(request, ex), cfg))
-                    shown = await self._response_version(
+                    # A deleted resource has no validator (RFC 9110 §8.8).
+                    shown = None if request.method == "DELETE" else await self._response_version(
                         ex, match, up, committed, target, request.headers.get("Host")
                     )
                     if shown is not None and cfg.etag_on_write:
@@ -1052,9 +1058,13 @@ class Proxy:
         the proxy tracks it; otherwise the response carries none, since the
         target's token would be read as the created resource's.
         """
-        location = up.headers.get("Location") if up.status == 201 else None  # type: ignore[attr-defined]
-        if not location:
+        if up.status != 201:  # type: ignore[attr-defined]
             return committed, match.route.config.last_modified
+        location = up.headers.get("Location")  # type: ignore[attr-defined]
+        if not location:
+            # The created resource cannot be named: the target's token would
+            # be taken for its validator (DRF and NetBox send no Location).
+            return None
         created = self._location_match(location, target, host)
         if created is None:
             return None

@@ -603,7 +603,9 @@ def test_write_condition_has_precondition_for_428() -> None:
     assert write_condition(Conditionals(if_match="garbage")).has_precondition
     assert write_condition(Conditionals(if_unmodified_since=render_date(LM))).has_precondition
     assert not write_condition(Conditionals(if_unmodified_since="garbage")).has_precondition
-    assert not write_condition(Conditionals(if_none_match="*")).has_precondition
+    # Create-only (RFC 9110 §13.1.2) is a precondition: a 428 route accepts it.
+    assert write_condition(Conditionals(if_none_match="*")).has_precondition
+    assert not write_condition(Conditionals(if_none_match='"abc"')).has_precondition
 
 
 # --- the store's BEGIN agrees with evaluate --------------------------------------------

@@ -87,8 +87,14 @@ class WriteCondition:
 
     @property
     def has_precondition(self) -> bool:
-        """True when the client sent If-Match or If-Unmodified-Since (for 428)."""
-        return self.if_match is not None or self.if_unmodified_since is not None
+        """True when the request is conditional on the resource's state (for
+        428): If-Match, If-Unmodified-Since, or `If-None-Match: *` (create
+        only, RFC 9110 §13.1.2), which a lost update cannot slip past either."""
+        return (
+            self.if_match is not None
+            or self.if_unmodified_since is not None
+            or self.if_none_match == ("*",)
+        )
 
 
 def evaluate_write(cond: WriteCondition, current: Version | None) -> bool:
@@ -119,11 +125,12 @@ class Outcome(enum.Enum):
     """What END learned about the upstream's handling of the write."""
 
     SUCCESS = "success"
-    """2xx: the change was applied; mint a new token."""
+    """2xx or 303: the change was applied; mint a new token."""
     REJECTED = "rejected"
-    """4xx (and 1xx/3xx): nothing changed; keep the committed token."""
+    """4xx: nothing changed; keep the committed token."""
     UNKNOWN = "unknown"
-    """5xx, timeout, reset, cancellation: mint a new token, send no ETag."""
+    """5xx, other 3xx, timeout, reset, cancellation: mint a new token, send
+    no ETag. See etagproxy/outcome.py."""
 
 
 class BeginStatus(enum.Enum):
