@@ -8,11 +8,12 @@ write carries a unique id (in the body and as `X-Request-ID`), so the
 the run broke the promise "no acknowledged update is lost":
 
 - the upstream saw no stale write (its own lost-update detector);
-- every acknowledged write was applied, with the value the client sent;
+- every acknowledged write (2xx, or 303 See Other: the write was applied and
+  the answer points elsewhere) was applied, with the value the client sent;
 - no write answered 412/409/428/503 reached the upstream (they are decided
   before forwarding);
 - every applied but unacknowledged write is one whose client got an
-  unknown outcome (5xx, reset, timeout), so that per key
+  unknown outcome (5xx, reset, timeout, any 3xx but 303), so that per key
   final value == acknowledged increments + landed-but-unacknowledged ones;
 - per key, the (If-Match sent -> ETag received) pairs of acknowledged writes
   form one chain: no tag validated two writes, no tag was handed out twice,
@@ -34,10 +35,16 @@ import aiohttp
 
 from tests.fault_upstream import PREFIX, FaultUpstream
 
-__all__ = ["Ack", "Audit", "Ledger", "audit", "increment_until", "read_counter", "write_counter"]
+__all__ = ["Ack", "Audit", "Ledger", "acknowledged", "audit", "increment_until", "read_counter", "write_counter"]
 
 # A write answered with one of these was decided before anything was forwarded.
 NOT_FORWARDED = frozenset({409, 412, 428, 503})
+
+
+def acknowledged(status: int) -> bool:
+    """Whether a write answered `status` was applied, as far as its client
+    can tell: a 2xx, or a 303 (RFC 9110 §15.4.4, Post/Redirect/Get)."""
+    return 200 <= status < 300 or status == 303
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +56,10 @@ class Ack:
     value: int
     if_match: str
     etag: str | None
-    """None: 2xx without ETag (END could not commit or lost its lease)."""
+    """None: 2xx without ETag (END could not commit or lost its lease), or a
+    303 (its validators would describe the redirect)."""
     via: str
+    status: int = 200
 
 
 @dataclass
@@ -59,7 +68,7 @@ class Ledger:
 
     acks: list[Ack] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
-    """Write answers by status ("412", "504", "error", ...)."""
+    """Write answers by status ("2xx", "303", "412", "504", "error", ...)."""
     not_forwarded: dict[str, int] = field(default_factory=dict)
     unknown: dict[str, str] = field(default_factory=dict)
     """Writes whose outcome the client could not know: id -> status or error."""
@@ -82,9 +91,9 @@ class Ledger:
         status: int | None, etag: str | None, error: str = "",
     ) -> None:
         self.attempts += 1
-        if status is not None and 200 <= status < 300:
-            self.outcomes["2xx"] += 1
-            self.acks.append(Ack(key, write, value, if_match, etag, via))
+        if status is not None and acknowledged(status):
+            self.outcomes["303" if status == 303 else "2xx"] += 1
+            self.acks.append(Ack(key, write, value, if_match, etag, via, status))
         elif status in NOT_FORWARDED:
             self.outcomes[str(status)] += 1
             self.not_forwarded[write] = status
@@ -121,10 +130,12 @@ async def read_counter(
 async def write_counter(
     session: aiohttp.ClientSession, base: str, key: str, value: int, if_match: str, write: str
 ) -> tuple[int, str | None]:
-    """PUT a counter value with `If-Match`: (status, ETag or None)."""
+    """PUT a counter value with `If-Match`: (status, ETag or None). A 3xx is
+    the answer itself, not followed: following a 303 would report the GET's
+    200 and ETag as the write's."""
     headers = {"If-Match": if_match, "X-Request-ID": write, "Content-Type": "application/json"}
     body = json.dumps({"value": value, "write": write})
-    async with session.put(base + PREFIX + key, data=body, headers=headers) as resp:
+    async with session.put(base + PREFIX + key, data=body, headers=headers, allow_redirects=False) as resp:
         await resp.read()
         return resp.status, resp.headers.get("ETag")
 
@@ -168,7 +179,7 @@ async def increment_until(
                 ledger.record_write(key, write, value + 1, etag, base, None, None, type(exc).__name__)
             else:
                 ledger.record_write(key, write, value + 1, etag, base, put_status, new_tag)
-                if put_status == 412 or 200 <= put_status < 300:
+                if put_status == 412 or acknowledged(put_status):
                     continue
             await asyncio.sleep(rng.uniform(0.005, 0.02))
 
@@ -217,7 +228,7 @@ def audit(upstream: FaultUpstream, ledger: Ledger, *, whole_chain: bool = False)
     landed = [w for w in upstream.applied if w not in acked_ids]
     for write in landed:
         if write not in ledger.unknown:
-            problems.append(f"write {write} was applied but its client was told neither 2xx nor an unknown outcome")
+            problems.append(f"write {write} was applied but its client was told neither 2xx/303 nor an unknown outcome")
     keys = set(upstream.values) | {a.key for a in ledger.acks}
     for key in sorted(keys):
         acked = ledger.acked(key)

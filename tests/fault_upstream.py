@@ -14,8 +14,8 @@ Faults are injected per write from a plan cycled over all PUTs, so a run's
 fault counts are known exactly; `hold()` hands a single write to the test,
 which decides when it lands and when it is answered. The server knows which
 writes it applied (`applied`) and which it only received (`received`), so a
-write whose outcome the client never learned (5xx, reset, timeout) is still
-accounted for.
+write whose outcome the client never learned (5xx, reset, timeout, a 302 or
+307) is still accounted for.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-__all__ = ["Applied", "Fault", "FaultUpstream", "Hold", "StaleWrite", "running_upstream"]
+__all__ = ["APPLYING", "REDIRECTS", "Applied", "Fault", "FaultUpstream", "Hold", "StaleWrite", "running_upstream"]
 
 PREFIX = "/counters/"
 
@@ -50,6 +50,22 @@ class Fault(enum.Enum):
     """Read the body, apply, reset the connection."""
     SLOW_AFTER = "slow_after"
     """Apply, answer only after `slow_s` (past the proxy's deadline)."""
+    SEE_OTHER_AFTER = "see_other_after"
+    """Apply, answer 303 See Other to the counter (Post/Redirect/Get)."""
+    FOUND_AFTER = "found_after"
+    """Apply, answer 302 Found to the counter (what a web framework's
+    `redirect()` sends after a form write succeeded)."""
+    TEMPORARY_BEFORE = "temporary_before"
+    """Answer 307 Temporary Redirect without applying (the request belongs
+    elsewhere and was not processed here)."""
+
+
+APPLYING = frozenset({
+    Fault.NONE, Fault.ERROR_AFTER, Fault.RESET_AFTER, Fault.SLOW_AFTER, Fault.SEE_OTHER_AFTER, Fault.FOUND_AFTER,
+})
+"""The faults whose write the upstream applies."""
+REDIRECTS = {Fault.SEE_OTHER_AFTER: 303, Fault.FOUND_AFTER: 302, Fault.TEMPORARY_BEFORE: 307}
+"""The status each redirecting fault answers with; `Location` names the counter."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +163,7 @@ class FaultUpstream:
         fault = self.plan[self._puts % len(self.plan)]
         self._puts += 1
         self.injected[fault] += 1
-        if fault in (Fault.NONE, Fault.ERROR_AFTER, Fault.RESET_AFTER, Fault.SLOW_AFTER):
+        if fault in APPLYING:
             self._apply(key, write, value)
         if fault in (Fault.RESET_BEFORE, Fault.RESET_AFTER):
             # The body has been read: the write reached the API, the answer never leaves it.
@@ -156,6 +172,8 @@ class FaultUpstream:
             return web.Response(status=500)
         if fault in (Fault.ERROR_BEFORE, Fault.ERROR_AFTER):
             return web.Response(status=500, text="internal error")
+        if fault in REDIRECTS:
+            return web.Response(status=REDIRECTS[fault], headers={"Location": PREFIX + key})
         if fault is Fault.SLOW_AFTER:
             await asyncio.sleep(self.slow_s)
         return self._document(key)

@@ -24,6 +24,7 @@ import pytest
 from etagproxy.store.redis import redis_key
 from tests.counter_clients import Ack, Ledger, audit, increment_until, read_counter, write_counter
 from tests.fault_upstream import Applied, Fault, FaultUpstream, running_upstream
+from tests.proxy_fixtures import ProxyHandle
 from tests.proxy_processes import REPO, ProxyProcess, counter_config, free_port, metric, start_proxy
 from tests.redis_fixtures import RedisServer
 
@@ -164,6 +165,93 @@ async def test_upstream_errors_resets_and_timeouts_lose_no_update(redis_server: 
     assert ledger.outcomes["504"] == up.injected[Fault.SLOW_AFTER]
     assert result.landed_unacknowledged == sum(up.injected[f] for f in LANDING)
     assert result.final_total == result.acknowledged + result.landed_unacknowledged
+
+
+# -- redirects answering a write ---------------------------------------------------
+
+# One write in four is answered with a redirect, each kind in turn.
+REDIRECT_PLAN = tuple(
+    x for fault in (Fault.SEE_OTHER_AFTER, Fault.FOUND_AFTER, Fault.TEMPORARY_BEFORE) for x in (*(Fault.NONE,) * 3, fault)
+)
+REDIRECTS_EACH = 25
+
+MEMORY_CONFIG = (
+    "upstream: {upstream}\n"
+    "timeouts: {upstream: 2s, write_wait: 2s}\n"
+    "routes:\n"
+    "  - path: /counters/{id}\n"
+    "    require_if_match: true\n"
+)
+
+
+def _redirects_lost_nothing(up: FaultUpstream, ledger: Ledger) -> None:
+    """The audit of a run under REDIRECT_PLAN.
+
+    A 303 says the write was applied, a 302 may follow an applied write
+    (here it always does), a 307 says it was not processed. Whichever the
+    proxy would keep the pre-write tag for, a client holding that tag has
+    its stale write forwarded over the change: `result.stale`.
+    """
+    result = audit(up, ledger)
+    print(result.summary(), {f.value: n for f, n in up.injected.items()})
+    assert result.problems == []
+    assert result.stale == 0
+    # The run had contention: a kept tag would have been used by someone.
+    assert ledger.outcomes["412"] > 0
+    # Every write got the answer the plan gave it, unfollowed.
+    assert ledger.outcomes["2xx"] == up.injected[Fault.NONE]
+    assert ledger.outcomes["303"] == up.injected[Fault.SEE_OTHER_AFTER]
+    assert ledger.outcomes["302"] == up.injected[Fault.FOUND_AFTER]
+    assert ledger.outcomes["307"] == up.injected[Fault.TEMPORARY_BEFORE]
+    # A 303 is acknowledged but carries no validator: it would describe the redirect.
+    assert [a.etag for a in ledger.acks if a.status == 303] == [None] * up.injected[Fault.SEE_OTHER_AFTER]
+    assert all(a.etag is not None for a in ledger.acks if a.status != 303)
+    # 302 and 307 leave the client not knowing; of those, only the 302s landed.
+    assert sorted(ledger.unknown.values()) == sorted(
+        ["302"] * up.injected[Fault.FOUND_AFTER] + ["307"] * up.injected[Fault.TEMPORARY_BEFORE]
+    )
+    assert result.landed_unacknowledged == up.injected[Fault.FOUND_AFTER]
+    assert not any(w in up.applied for w, what in ledger.unknown.items() if what == "307")
+    assert result.applied == result.acknowledged + result.landed_unacknowledged
+    assert result.final_total == result.acknowledged + result.landed_unacknowledged
+
+
+def _enough_redirects(up: FaultUpstream, ledger: Ledger) -> Callable[[], bool]:
+    return lambda: ledger.acked() >= 200 and all(
+        up.injected[f] >= REDIRECTS_EACH for f in (Fault.SEE_OTHER_AFTER, Fault.FOUND_AFTER, Fault.TEMPORARY_BEFORE)
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+async def test_redirects_answering_writes_lose_no_update(redis_server: RedisServer, proxies: StartProxies):
+    """303 and 302 after applying, 307 without: no 3xx leaves the pre-write
+    tag valid, so none lets a stale write through either replica."""
+    ledger = Ledger()
+    async with running_upstream(FaultUpstream(plan=REDIRECT_PLAN)) as up:
+        procs = await proxies(up.url, redis_server.url, 2)
+        async with workload(ledger, [p.url for p in procs]):
+            await ledger.wait_until(_enough_redirects(up, ledger), timeout=30)
+        samples = [s for p in procs for s in await p.metrics()]
+    _redirects_lost_nothing(up, ledger)
+    assert {a.via for a in ledger.acks} == {p.url for p in procs}
+    # The proxies minted for exactly the 302s and 307s (unknown outcomes),
+    # and for every 2xx and 303 (applied writes).
+    unknown = up.injected[Fault.FOUND_AFTER] + up.injected[Fault.TEMPORARY_BEFORE]
+    assert metric(samples, "etagproxy_tokens_minted_total", cause="unknown_outcome") == unknown
+    assert metric(samples, "etagproxy_tokens_minted_total", cause="write") == len(ledger.acks)
+
+
+async def test_redirects_answering_writes_lose_no_update_in_memory(
+    make_proxy: Callable[..., Awaitable[ProxyHandle]],
+):
+    """The same on one in-process proxy over the memory store."""
+    ledger = Ledger()
+    async with running_upstream(FaultUpstream(plan=REDIRECT_PLAN)) as up:
+        proxy = await make_proxy(MEMORY_CONFIG, upstream=up.url)
+        async with workload(ledger, [proxy.url]):
+            await ledger.wait_until(_enough_redirects(up, ledger), timeout=30)
+    _redirects_lost_nothing(up, ledger)
 
 
 # -- Redis faults ------------------------------------------------------------------
