@@ -228,7 +228,9 @@ def audit(upstream: FaultUpstream, ledger: Ledger, *, whole_chain: bool = False)
     landed = [w for w in upstream.applied if w not in acked_ids]
     for write in landed:
         if write not in ledger.unknown:
-            problems.append(f"write {write} was applied but its client was told neither 2xx/303 nor an unknown outcome")
+            problems.append(
+                f"write {write} was applied but its client was told neither 2xx/303 nor an unknown outcome"
+            )
     keys = set(upstream.values) | {a.key for a in ledger.acks}
     for key in sorted(keys):
         acked = ledger.acked(key)

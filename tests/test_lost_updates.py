@@ -170,9 +170,8 @@ async def test_upstream_errors_resets_and_timeouts_lose_no_update(redis_server: 
 # -- redirects answering a write ---------------------------------------------------
 
 # One write in four is answered with a redirect, each kind in turn.
-REDIRECT_PLAN = tuple(
-    x for fault in (Fault.SEE_OTHER_AFTER, Fault.FOUND_AFTER, Fault.TEMPORARY_BEFORE) for x in (*(Fault.NONE,) * 3, fault)
-)
+REDIRECT_FAULTS = (Fault.SEE_OTHER_AFTER, Fault.FOUND_AFTER, Fault.TEMPORARY_BEFORE)
+REDIRECT_PLAN = tuple(x for fault in REDIRECT_FAULTS for x in (*(Fault.NONE,) * 3, fault))
 REDIRECTS_EACH = 25
 
 MEMORY_CONFIG = (
@@ -217,9 +216,7 @@ def _redirects_lost_nothing(up: FaultUpstream, ledger: Ledger) -> None:
 
 
 def _enough_redirects(up: FaultUpstream, ledger: Ledger) -> Callable[[], bool]:
-    return lambda: ledger.acked() >= 200 and all(
-        up.injected[f] >= REDIRECTS_EACH for f in (Fault.SEE_OTHER_AFTER, Fault.FOUND_AFTER, Fault.TEMPORARY_BEFORE)
-    )
+    return lambda: ledger.acked() >= 200 and all(up.injected[f] >= REDIRECTS_EACH for f in REDIRECT_FAULTS)
 
 
 @pytest.mark.slow
