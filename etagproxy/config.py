@@ -164,6 +164,19 @@ def _memory_store() -> StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Bulk:
+    """`bulk:` of a list endpoint: a write whose JSON body is an array of
+    objects names the members it changes by `field` (NetBox's bulk edit)."""
+
+    field: str
+    """The member's identifier in each object, e.g. `id`."""
+    member: str
+    """Template of a member's path with one variable, e.g. /api/sites/{id}/."""
+    max_members: int = 100
+    """More members than this in one request gets 413."""
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     """One `routes:` entry, with `defaults:` merged in and the upstream resolved."""
 
@@ -182,7 +195,22 @@ class RouteConfig:
     require_if_match: bool = False
     """Unsafe requests without If-Match or If-Unmodified-Since get 428."""
     invalidates: tuple[str, ...] = ()
-    """Templates of other resources made stale by a successful write here."""
+    """Templates of other resources made stale by a successful write here.
+    Besides the route's own variables they may use `{body.<field>}` and
+    `{response.<field>}`: a field of the request's or the response's JSON
+    object (dotted for nested fields)."""
+    created: str | None = None
+    """Template naming the resource a 201 created when it sends no Location,
+    e.g. /api/sites/{response.id}/; without one such a 201 carries no ETag."""
+    bulk: Bulk | None = None
+    """Bulk writes on this list endpoint lease and version each named member."""
+    plain_types: tuple[str, ...] = ("application/json",)
+    """Media types served as the default representation under `Vary: Accept`:
+    they carry the plain tag a write returns; other types get their own."""
+    computed: bool = False
+    """The representation includes data of other resources (counts, nested
+    objects): its tag also carries a hash of the body, so no 304 is given
+    for content that changed behind the route's own writes."""
     short_circuit: bool = False
     """Answer a current If-None-Match with 304 without asking the upstream."""
     short_circuit_ttl: float = 60.0
@@ -628,6 +656,40 @@ def _parse_template(value: object) -> str:
     return value
 
 
+def _parse_route_path(value: object) -> str:
+    """A route's own path: a template whose variables are plain names."""
+    template = _parse_template(value)
+    dotted = [n for n in _template_names(template) if "." in n]
+    if dotted:
+        raise _Bad(
+            "a path template with plain variable names ({body.x} and {response.x}"
+            " belong in invalidates and created)",
+            value,
+        )
+    return template
+
+
+_MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _parse_media_type(value: object) -> str:
+    if isinstance(value, str) and _MEDIA_TYPE.fullmatch(value.strip()) and "*" not in value:
+        return value.strip().lower()
+    raise _Bad("a media type such as application/json (no parameters, no wildcards)", value)
+
+
+def _parse_field_name(value: object) -> str:
+    if isinstance(value, str) and value and all(part for part in value.split(".")) and value.isprintable():
+        return value
+    raise _Bad("a JSON field name such as id (dotted for a nested field)", value)
+
+
+def _parse_member_count(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 10_000:
+        return value
+    raise _Bad("a whole number from 1 to 10000", value)
+
+
 def _parse_method(value: object) -> str:
     # RFC 9110 §9.1: a method is a token.
     if isinstance(value, str) and _TOKEN.fullmatch(value):
@@ -898,6 +960,10 @@ _LIMIT_PARSERS: Final[dict[str, Callable[[object], int]]] = {
 _TRACK_ONLY: Final = frozenset(
     {
         "key_query",
+        "created",
+        "bulk",
+        "plain_types",
+        "computed",
         "require_if_match",
         "invalidates",
         "short_circuit",
@@ -914,7 +980,7 @@ _TRACK_ONLY: Final = frozenset(
     }
 )
 _SCALAR_ROUTE_PARSERS: Final[dict[str, Callable[[object], Any]]] = {
-    "path": _parse_template,
+    "path": _parse_route_path,
     "mode": _choice("track", "passthrough"),
     "require_if_match": _parse_bool,
     "short_circuit": _parse_bool,
@@ -929,10 +995,17 @@ _SCALAR_ROUTE_PARSERS: Final[dict[str, Callable[[object], Any]]] = {
     "public": _parse_bool,
     "allow_upgrade": _parse_bool,
     "authorize": _choice("none", "upstream"),
+    "created": _parse_template,
+    "computed": _parse_bool,
 }
 _ROUTE_KEYS: Final = tuple(f.name for f in dataclasses.fields(RouteConfig) if f.name != "line")
 assert set(_ROUTE_KEYS) == {
-    *_SCALAR_ROUTE_PARSERS, "methods", "upstream", "key_query", "invalidates"
+    *_SCALAR_ROUTE_PARSERS, "methods", "upstream", "key_query", "invalidates", "bulk", "plain_types"
+}
+_BULK_PARSERS: Final[dict[str, Callable[[object], Any]]] = {
+    "field": _parse_field_name,
+    "member": _parse_route_path,
+    "max_members": _parse_member_count,
 }
 
 
@@ -1103,7 +1176,36 @@ class _Builder:
             return self.sequence(node, path, "query parameter names", _parse_query_name)
         if name == "invalidates":
             return self.sequence(node, path, "path templates", _parse_template)
+        if name == "plain_types":
+            return self.sequence(node, path, "media types", _parse_media_type)
+        if name == "bulk":
+            return self.bulk(node, path)
         raise AssertionError(name)
+
+    def bulk(self, node: _Node, path: str) -> Bulk | _Invalid:
+        entries = self.mapping(node, path)
+        if entries is None:
+            return _INVALID
+        values: dict[str, Any] = {}
+        for name, (key, value) in entries.items():
+            if name not in _BULK_PARSERS:
+                _unknown_key(self.problems, key, path, tuple(_BULK_PARSERS))
+                return _INVALID
+            values[name] = self.scalar(value, _join(path, name), _BULK_PARSERS[name])
+        if _INVALID in values.values():
+            return _INVALID
+        for required, example in (("field", "id"), ("member", "/api/sites/{id}/")):
+            if required not in values:
+                self.problems.add(node, _join(path, required), f"a value such as {example} (the key is required)", "nothing")
+                return _INVALID
+        member = values["member"]
+        if len(_template_names(member)) != 1:
+            self.problems.add(
+                entries["member"][1], _join(path, "member"),
+                "a member template with exactly one variable, filled by the field", member,
+            )
+            return _INVALID
+        return Bulk(**values)
 
     def defaults(self, node: _Node | None) -> dict[str, tuple[Any, _Node]]:
         """`defaults:` checked once, so a bad default is reported once, not per route."""
@@ -1195,10 +1297,19 @@ class _Builder:
                         "no tracking settings on a passthrough route",
                     )
                     ok = False
-        elif "path" in own and "invalidates" in merged:
-            own_list = "invalidates" in own
-            template, listed = own["path"][0], merged["invalidates"][1]
-            ok = self.check_invalidates(path, template, listed, own_list) and ok
+        elif "path" in own:
+            template = own["path"][0]
+            for name in ("invalidates", "created"):
+                if name in merged:
+                    ok = self.check_variables(path, name, template, merged[name][1], name in own) and ok
+            if merged.get("computed", (False,))[0] and merged.get("short_circuit", (False,))[0]:
+                where = own.get("short_circuit", own.get("computed", merged["computed"]))[1]
+                self.problems.add(
+                    where, _join(path, "short_circuit"),
+                    "short_circuit false on a computed route (its 304s need the upstream's body)",
+                    "true",
+                )
+                ok = False
         if not ok or "path" not in own:
             return None, identity
         settings = {name: value for name, (value, _) in merged.items() if name != "path"}
@@ -1206,20 +1317,31 @@ class _Builder:
             settings["upstream"] = None if upstream is _INVALID else upstream
         return RouteConfig(path=own["path"][0], line=node.line, **settings), identity
 
-    def check_invalidates(self, path: str, template: str, node: _Node, own: bool) -> bool:
-        """Invalidates templates may only use variables the route's own path defines."""
+    def check_variables(self, path: str, key: str, template: str, node: _Node, own: bool) -> bool:
+        """`invalidates` and `created` templates may only use the variables the
+        route's own path defines, and fields of the JSON bodies."""
         names = set(_template_names(template))
         listed = ", ".join(f"{{{n}}}" for n in _template_names(template)) or "none"
         ok = True
         prefix = path if own else "defaults"
-        items = self.items(node, _join(prefix, "invalidates"), "path templates") or []
+        items = self.items(node, _join(prefix, key), "path templates") or []
         for item, item_path in items:
-            extra = [n for n in _template_names(item.value) if n not in names]
+            if not isinstance(item.value, str):
+                continue
+            extra = [n for n in _template_names(item.value) if n not in names and not _body_variable(n)]
             if extra:
                 whose = "the route's path" if own else f"the path of {path}"
-                self.problems.add(item, item_path, f"only variables {whose} defines ({listed})")
+                self.problems.add(
+                    item, item_path,
+                    f"only variables {whose} defines ({listed}), {{body.<field>}} or {{response.<field>}}",
+                )
                 ok = False
         return ok
+
+
+def _body_variable(name: str) -> bool:
+    source, dot, field_name = name.partition(".")
+    return bool(dot) and source in ("body", "response") and all(field_name.split("."))
 
 
 # ---------------------------------------------------------------------------

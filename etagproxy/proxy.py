@@ -32,8 +32,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from etagproxy import headers as hdr
-from etagproxy.config import Config, RouteConfig
+from etagproxy.config import Bulk, Config, RouteConfig
 from etagproxy.etag import EntityTag, make_etag, parse_tag_list
+from etagproxy.bodyvars import BulkError, bulk_values, fields_for, json_document, needs
 from etagproxy.guard import ClientBodyError, arrived_body, client_chunks
 from etagproxy.httpdate import format_http_date
 from etagproxy.metrics import Metrics
@@ -41,7 +42,7 @@ from etagproxy.outcome import validators_allowed, write_outcome
 from etagproxy.preconditions import Conditionals, Decision, Representation, evaluate, write_condition
 from etagproxy.problems import problem
 from etagproxy.randomness import random_hex
-from etagproxy.routes import Match, Router
+from etagproxy.routes import Match, Router, TemplateError, compile_template, expand
 from etagproxy.store.base import (
     BeginStatus,
     Cause,
@@ -70,6 +71,7 @@ CHUNK = 1 << 16
 DRAIN_LIMIT = 1 << 16  # bodies up to this size are read to keep a connection
 COALESCE = 1 << 16  # GET bodies up to this size (by Content-Length) are sent in one write
 REPLAY_MAX = 1 << 20  # write responses up to this size are recorded for Idempotency-Key replays
+BULK_METHODS = frozenset({"PUT", "PATCH", "DELETE"})  # on a bulk route, a JSON array body names members
 
 # RFC 9110 §15.4.5: a 304 carries these fields when a 200 would have.
 NOT_MODIFIED_FIELDS = ("Cache-Control", "Content-Location", "Date", "Expires", "Vary")
@@ -157,6 +159,8 @@ class Exchange:
     error: str = ""
     creds: str | None = None
     """credential_hash of the request, computed at most once."""
+    members: tuple[str, ...] = ()
+    """Keys of the members a bulk write leased besides its own."""
 
 
 def credential_hash(headers: CIMultiDict[str] | object) -> str:
@@ -186,13 +190,18 @@ def query_variant(target: Target, key_query: Collection[str]) -> str:
     return "q" + _short_hash("&".join(extra), 4) if extra else ""
 
 
-def representation_variant(qpart: str, up_headers: CIMultiDict[str] | object) -> str:
+def representation_variant(
+    qpart: str, up_headers: CIMultiDict[str] | object, plain_types: Collection[str] = ("application/json",),
+) -> str:
     """`<variant>` of `"<token>-<variant>"`; '' for the plain representation.
 
     RFC 9110 §8.8.3.3: representations that differ (query, negotiated
     content type, content coding) must not share a strong validator.
     The content type counts only when the upstream says it negotiates on
-    Accept (`Vary`); the content coding always counts.
+    Accept (`Vary`), and not for the `plain_types` it serves by default
+    (JSON for DRF and NetBox: no Accept, `*/*`, `application/json` all get
+    the same bytes), so the default representation carries the plain tag a
+    write returns; the content coding always counts.
     """
     get = up_headers.get  # type: ignore[attr-defined]
     getall = up_headers.getall  # type: ignore[attr-defined]
@@ -202,7 +211,9 @@ def representation_variant(qpart: str, up_headers: CIMultiDict[str] | object) ->
     if vary:
         fields = {f.strip().lower() for f in vary.split(",")}
         if "accept" in fields or "*" in fields:
-            parts.append("t" + _short_hash(get("Content-Type", ""), 3))
+            content_type = get("Content-Type", "")
+            if content_type.partition(";")[0].strip().lower() not in plain_types:
+                parts.append("t" + _short_hash(content_type, 3))
     coding = ", ".join(getall("Content-Encoding", ()))
     if coding:
         codings = [c.strip().lower() for c in coding.split(",") if c.strip()]
@@ -549,6 +560,18 @@ class Proxy:
                         ex.decision = "moved"
                         return await self._relay(request, ex, up, out, body=body, more=more)
                 assert version is not None
+                variant = representation_variant(qpart, out, cfg.plain_types)
+                if cfg.computed:
+                    # The tag also names the bytes: content computed from
+                    # other resources changes without a write here.
+                    if body is None and request.method == "GET":
+                        body, complete = await up.read(self.config.limits.fingerprint_max)  # type: ignore[attr-defined]
+                        more = not complete
+                    if body is None or more:
+                        ex.decision = "computed_unhashed"
+                        return await self._relay(request, ex, up, out, body=body, more=more)
+                    digest = "h" + hashlib.blake2b(body, digest_size=8).hexdigest()
+                    variant = f"{variant}-{digest}" if variant else digest
                 if not version.exists:
                     try:
                         await self._timed_store(ex, "confirm", self.store.confirm(match.key, version.token))
@@ -558,10 +581,12 @@ class Proxy:
                     # (Once seen, the record stands until its TTL; the next
                     # read after that records it again.)
                     self.spawn(self._record_reader(match.key, reader, cfg))
-                tag = make_etag(version.token, representation_variant(qpart, out))
+                tag = make_etag(version.token, variant)
                 if cfg.short_circuit:
                     self._remember(ex.key, tag, Selected.of(qpart, request.headers, out))
-                last_modified = version.minted_ms // 1000 if cfg.last_modified else None
+                # A computed representation changes at times the version
+                # does not record, so it gets no date to be compared with.
+                last_modified = version.minted_ms // 1000 if cfg.last_modified and not cfg.computed else None
                 decision = evaluate(
                     request.method, cond, Representation(version.token, tag, last_modified)
                 )
@@ -726,6 +751,12 @@ class Proxy:
                 408, "body-timeout", "The request body did not arrive in time.",
                 headers=(("Connection", "close"),),
             )
+        members: list[str] = []
+        if cfg.bulk is not None and request.method in BULK_METHODS:
+            try:
+                members = self._bulk_members(match, cfg.bulk, body)
+            except BulkError as exc:
+                return problem(exc.status, "bulk-members", str(exc))
         drop = named if cfg.upstream_conditionals else (REQUEST_DROP_TRACKED | named)
         headers = self._upstream_headers(request, ex, drop, keep_framing=False)
         # Unique per write: the request id may come from the client.
@@ -744,8 +775,10 @@ class Proxy:
                     # answers again, every token it may have outdated must go
                     # (after the forward, so no reader pairs a new token with
                     # an old body).
-                    self.spawn(self._release_unanswered(match.key, owner, Outcome.UNKNOWN,
-                                                        [match.key, *self.router.invalidation_keys(match)]))
+                    self.spawn(self._release_unanswered(
+                        match.key, owner, Outcome.UNKNOWN,
+                        [match.key, *members, *self.router.invalidation_keys(match, self._fields(cfg, body))],
+                    ))
             # BEGIN may have run even though its answer never came: give the
             # lease back (nothing was forwarded) rather than leave the key
             # locked until its deadline.
@@ -771,7 +804,82 @@ class Proxy:
             )
         if begun.status is BeginStatus.PRECONDITION_FAILED:  # type: ignore[attr-defined]
             return await self._precondition_failed(request, ex, target, match, cond, body, begun.current)  # type: ignore[attr-defined]
+        if members:
+            refused = await self._lease_members(ex, match.key, owner, members)
+            if refused is not None:
+                return refused
         return await self._forward_write(request, ex, target, match, headers, body, owner, cond)
+
+    def _bulk_members(self, match: Match, bulk: Bulk, body: bytes) -> list[str]:
+        """Keys of the members a bulk body names, sorted (so two bulk writes
+        lease shared members in one order); [] when the body is no array."""
+        values = bulk_values(json_document(body), bulk.field, bulk.max_members)
+        if not values:
+            return []
+        name = compile_template(bulk.member).names[0]
+        keys: set[str] = set()
+        for value in values:
+            try:
+                found = self.router.key_for(canonicalize(expand(bulk.member, {name: value})))
+            except (TemplateError, TargetError):
+                raise BulkError(f"{bulk.field} {value!r} does not name a member.") from None
+            if found is None or not found.route.tracked:
+                raise BulkError(f"{bulk.field} {value!r} does not name a tracked member.")
+            if found.key != match.key:
+                keys.add(found.key)
+        return sorted(keys)
+
+    async def _lease_members(
+        self, ex: Exchange, key: str, owner: str, members: list[str]
+    ) -> web.StreamResponse | None:
+        """Lease every member of a bulk write under the write's owner, after
+        its own key: no member write interleaves with it, and END versions
+        each member by the outcome, as a member write would. None when all
+        are held; otherwise everything taken is given back and the answer is
+        409 (a member is being written) or 503 (the store failed)."""
+        taken: list[str] = []
+        failure: web.StreamResponse | None = None
+        for member in members:
+            try:
+                begun = await self._timed_store(
+                    ex, "begin", self.store.begin(member, WriteCondition(), owner, self.lease_ms, self.wait_ms)
+                )
+            except StoreError:
+                self.spawn(self._release_unanswered(member, owner))
+                failure = problem(
+                    503, "store-unavailable",
+                    "The version store is unavailable, so the write was not forwarded. Retry later.",
+                    headers=(("Retry-After", "1"),),
+                )
+                break
+            if begun.status is not BeginStatus.OK:  # type: ignore[attr-defined]
+                ex.decision = "busy"
+                self.metrics.preconditions.labels(ex.route, "busy").inc()
+                failure = problem(
+                    409, "write-in-progress",
+                    "Another write to a member named in this bulk request is in progress. "
+                    "Retry after a moment.",
+                    headers=(("Retry-After", self.retry_after),),
+                )
+                break
+            taken.append(member)
+        if failure is None:
+            ex.members = tuple(members)
+            return None
+        ex.members = tuple(taken)
+        await self._end(ex, key, owner, Outcome.REJECTED)
+        return failure
+
+    @staticmethod
+    def _fields(cfg: RouteConfig, body: bytes, response: bytes | None = None) -> dict[str, str]:
+        """Values of `{body.x}` / `{response.x}` in the route's templates."""
+        templates = (*cfg.invalidates, cfg.created)
+        documents: dict[str, object] = {}
+        if needs(templates, "body"):
+            documents["body"] = json_document(body)
+        if response is not None and needs(templates, "response"):
+            documents["response"] = json_document(response)
+        return fields_for(templates, documents) if documents else {}
 
     async def _release_unanswered(
         self, key: str, owner: str, outcome: Outcome = Outcome.REJECTED, mint: list[str] | None = None
@@ -928,10 +1036,9 @@ class Proxy:
     async def _end(
         self, ex: Exchange, key: str, owner: str, outcome: Outcome, *, exists: bool = True
     ) -> Version | None:
-        """END, shielded: a client that hangs up must not leave a lease behind."""
-        task = self.loop.create_task(
-            self._timed_store(ex, "end", self.store.end(key, owner, outcome, exists=exists))
-        )
+        """END, shielded: a client that hangs up must not leave a lease behind.
+        A bulk write's members (`ex.members`) end with the same outcome."""
+        task = self.loop.create_task(self._end_all(ex, key, owner, outcome, exists))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         try:
@@ -945,6 +1052,19 @@ class Proxy:
         if outcome is not Outcome.REJECTED:
             self._minted(Cause.WRITE if outcome is Outcome.SUCCESS else Cause.UNKNOWN_OUTCOME)
         return result.committed  # type: ignore[attr-defined,no-any-return]
+
+    async def _end_all(self, ex: Exchange, key: str, owner: str, outcome: Outcome, exists: bool) -> object:
+        members, ex.members = ex.members, ()
+        if members:
+            results = await asyncio.gather(
+                *(self.store.end(m, owner, outcome, exists=exists) for m in members), return_exceptions=True
+            )
+            for result in results:
+                if isinstance(result, BaseException) or result.lease_lost:
+                    self.metrics.lease_lost.inc()
+                elif outcome is not Outcome.REJECTED:
+                    self._minted(Cause.WRITE if outcome is Outcome.SUCCESS else Cause.UNKNOWN_OUTCOME)
+        return await self._timed_store(ex, "end", self.store.end(key, owner, outcome, exists=exists))
 
     async def _forward_write(
         self, request: web.BaseRequest, ex: Exchange, target: Target, match: Match,
@@ -966,7 +1086,12 @@ class Proxy:
                 replay = None
                 idem = self._idempotency_key(request) if cfg.replay_ttl > 0 else None
                 more = False
-                if validated and idem is not None and request.method != "HEAD":
+                # The response's JSON names resources: the one a 201 created
+                # (`created`), related ones (`{response.x}` in invalidates).
+                named = needs(cfg.invalidates, "response") or (
+                    status == 201 and cfg.created is not None and "Location" not in up.headers  # type: ignore[attr-defined]
+                )
+                if validated and (idem is not None or named) and request.method != "HEAD":
                     try:
                         # Recorded for replay only if small; a larger body
                         # streams on unrecorded.
@@ -983,16 +1108,17 @@ class Proxy:
                 ended = True
                 committed = await self._end(ex, match.key, owner, outcome, exists=exists)
                 ex.decision = ex.decision or outcome.value
+                fields = self._fields(cfg, body, None if more else resp_body)
                 if outcome is not Outcome.REJECTED:
                     # The write landed, or may have: so may what it invalidates.
-                    await self._invalidate(ex, match)
+                    await self._invalidate(ex, match, fields)
                 if validated and committed is not None:
                     if cfg.short_circuit or cfg.etag_in_412:
                         # A 2xx write is a success of these credentials too.
                         self.spawn(self._record_reader(match.key, self._creds(request, ex), cfg))
                     # A deleted resource has no validator (RFC 9110 §8.8).
                     shown = None if request.method == "DELETE" else await self._response_version(
-                        ex, match, up, committed, target, request.headers.get("Host")
+                        ex, match, up, committed, target, request.headers.get("Host"), fields
                     )
                     if shown is not None and cfg.etag_on_write:
                         version, dated = shown
@@ -1013,7 +1139,7 @@ class Proxy:
                 ended = True
                 await self._end(ex, match.key, owner, Outcome.UNKNOWN if exc.sent else Outcome.REJECTED)
                 if exc.sent:
-                    await self._invalidate(ex, match)
+                    await self._invalidate(ex, match, self._fields(cfg, body))
             return self._upstream_failed(ex, exc)
         finally:
             if not ended:
@@ -1035,9 +1161,9 @@ class Proxy:
         except StoreError:
             pass
 
-    async def _invalidate(self, ex: Exchange, match: Match) -> None:
+    async def _invalidate(self, ex: Exchange, match: Match, fields: dict[str, str] | None = None) -> None:
         """New tokens for the keys the route's `invalidates` templates name."""
-        keys = self.router.invalidation_keys(match)
+        keys = self.router.invalidation_keys(match, fields)
         if keys:
             try:
                 await self._timed_store(ex, "invalidate", self.store.invalidate(keys))
@@ -1048,7 +1174,7 @@ class Proxy:
 
     async def _response_version(
         self, ex: Exchange, match: Match, up: object, committed: Version, target: Target,
-        host: str | None,
+        host: str | None, fields: dict[str, str],
     ) -> tuple[Version, bool] | None:
         """The version whose validators a 2xx write response carries, and
         whether its route sends Last-Modified; None for no validators.
@@ -1061,11 +1187,13 @@ class Proxy:
         if up.status != 201:  # type: ignore[attr-defined]
             return committed, match.route.config.last_modified
         location = up.headers.get("Location")  # type: ignore[attr-defined]
-        if not location:
-            # The created resource cannot be named: the target's token would
-            # be taken for its validator (DRF and NetBox send no Location).
-            return None
-        created = self._location_match(location, target, host)
+        if location:
+            created = self._location_match(location, target, host)
+        else:
+            # DRF and NetBox send no Location: the route's `created` template
+            # names the resource from the response body, or nothing does,
+            # and the target's token must not pass for its validator.
+            created = self._created_match(match, fields)
         if created is None:
             return None
         if created.key == match.key:
@@ -1084,6 +1212,17 @@ class Proxy:
             return None
         version = await self._end(ex, created.key, owner, Outcome.SUCCESS)
         return None if version is None else (version, created.route.config.last_modified)
+
+    def _created_match(self, match: Match, fields: dict[str, str]) -> Match | None:
+        """The tracked resource the route's `created` template names."""
+        template = match.route.config.created
+        if template is None:
+            return None
+        try:
+            found = self.router.key_for(canonicalize(expand(template, {**match.params, **fields})))
+        except (TemplateError, TargetError):
+            return None
+        return found if found is not None and found.route.tracked else None
 
     def _location_match(self, location: str, target: Target, host: str | None) -> Match | None:
         """The tracked route a `Location` value falls in, if any.

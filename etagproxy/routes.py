@@ -89,7 +89,8 @@ def compile_template(template: str) -> CompiledTemplate:
             raise _rest_not_last(template, rest)
         _add_literal(template, template[pos : m.start()], parts)
         name, colon, kind = m.group(1).partition(":")
-        if not name.isidentifier():
+        # Dotted names ({body.id}) name fields of a JSON body (bodyvars.py).
+        if not all(piece.isidentifier() for piece in name.split(".")):
             raise TemplateError(
                 f"template {template!r}: variable name {name!r} is not an identifier"
             )
@@ -320,19 +321,22 @@ class Router:
         found = self._any_method.match(target.path)
         return None if found is None else _make_match(found, target)
 
-    def invalidation_keys(self, match: Match) -> list[str]:
+    def invalidation_keys(self, match: Match, fields: dict[str, str] | None = None) -> list[str]:
         """Keys a successful write on ``match`` makes stale, besides its own.
 
         Each ``invalidates`` template is expanded with the match's variables
-        and canonicalised; it is kept only if a tracked route matches it,
-        and its key is that path (no query). A template naming a variable
-        the match lacks is skipped here; `check_invalidates` reports it when
-        the configuration is loaded.
+        (and ``fields``, the ``body.x``/``response.x`` values of the write's
+        JSON bodies) and canonicalised; it is kept only if a tracked route
+        matches it, and its key is that path (no query). A template naming a
+        variable without a value is skipped here: a body without the field
+        names no related resource; `check_invalidates` reports a route
+        variable the match lacks when the configuration is loaded.
         """
         keys: list[str] = []
+        params = {**match.params, **fields} if fields else match.params
         for template in match.route.config.invalidates:
             try:
-                path = canonicalize(expand(template, match.params)).path
+                path = canonicalize(expand(template, params)).path
             except (TemplateError, TargetError):
                 continue
             if path != match.key and path not in keys and self.is_tracked(path):
@@ -364,7 +368,7 @@ def check_invalidates(route: Route, router: Router) -> list[str]:
         except TemplateError as exc:
             errors.append(str(exc))
             continue
-        missing = [name for name in compiled.names if name not in own]
+        missing = [name for name in compiled.names if name not in own and "." not in name]
         if missing:
             listed = ", ".join(f"{{{name}}}" for name in missing)
             errors.append(

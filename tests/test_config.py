@@ -391,13 +391,13 @@ STORE = (
         pytest.param(
             UPSTREAM + "routes:\n  - path: /a/{id}/\n    invalidates: [/a/, '/b/{id}/{other}']\n",
             "config.yaml:4: routes[0].invalidates[1]: expected only variables the route's path"
-            " defines ({id}), got '/b/{id}/{other}'",
+            " defines ({id}), {body.<field>} or {response.<field>}, got '/b/{id}/{other}'",
             id="invalidates-variable",
         ),
         pytest.param(
             UPSTREAM + "routes:\n  - path: /a/\n    invalidates: '/b/{x}'\n",
             "config.yaml:4: routes[0].invalidates: expected only variables the route's path"
-            " defines (none), got '/b/{x}'",
+            " defines (none), {body.<field>} or {response.<field>}, got '/b/{x}'",
             id="invalidates-single-string",
         ),
         pytest.param(
@@ -588,7 +588,7 @@ def test_all_problems_of_a_file_are_reported_in_file_order() -> None:
         "config.yaml:5: limits.max_body: expected a size that is not negative, got -1",
         "config.yaml:8: routes[0].require_if_match: expected true or false, got 'yes please'",
         "config.yaml:9: routes[0].invalidates[0]: expected only variables the route's path defines"
-        " ({id}), got '/b/{other}'",
+        " ({id}), {body.<field>} or {response.<field>}, got '/b/{other}'",
         "config.yaml:12: routes[1].short_circuit: expected no tracking settings on a passthrough"
         " route, got true",
         "config.yaml:13: routes[2].path: expected a route not already defined (routes[0] at line 7"
@@ -662,7 +662,7 @@ def test_default_invalidates_must_fit_each_route() -> None:
     """
     assert problems(text) == [
         "config.yaml:3: defaults.invalidates[0]: expected only variables the path of routes[1]"
-        " defines ({name}), got '/index/{id}'"
+        " defines ({name}), {body.<field>} or {response.<field>}, got '/index/{id}'"
     ]
 
 

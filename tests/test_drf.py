@@ -1,0 +1,224 @@
+"""etagproxy in front of a real Django REST Framework API (tests/drf_app).
+
+The API is NetBox's stack in miniature: ModelViewSets, `Vary: Accept` on
+every answer, the browsable API, 201 without Location, bulk writes on list
+endpoints, a computed `device_count`, a web form that answers 302, and a
+resource whose PUT answers 303. Every test creates its own rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.proxy_fixtures import ProxyHandle
+
+CONFIG = """\
+upstream: {upstream}
+routes:
+  - path: /api/sites/{id}/
+    require_if_match: true
+    invalidates: [/api/sites/]
+  - path: /api/sites/
+  - path: /api/devices/{id}/
+    invalidates: [/api/devices/]
+  - path: /api/devices/
+  - path: /legacy/sites/{id}
+"""
+
+
+class Client:
+    """An aiohttp client on the proxy (or, with `direct`, on the API)."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str, direct: str) -> None:
+        self.session = session
+        self.base = base
+        self.direct = direct
+
+    async def call(
+        self, method: str, path: str, *, json_body: Any = None, headers: dict[str, str] | None = None,
+        data: Any = None, via: str | None = None,
+    ) -> tuple[int, aiohttp.typedefs.LooseHeaders, bytes]:
+        async with self.session.request(
+            method, (via or self.base) + path, json=json_body, data=data, headers=headers or {},
+            allow_redirects=False,
+        ) as r:
+            return r.status, r.headers, await r.read()
+
+    async def create_site(self, name: str = "site", **fields: Any) -> dict[str, Any]:
+        """A new site, created on the API directly."""
+        status, _, body = await self.call("POST", "/api/sites/", json_body={"name": name, **fields}, via=self.direct)
+        assert status == 201, body
+        return json.loads(body)
+
+
+@pytest.fixture
+async def client(drf_api: str, make_proxy: Callable[..., Awaitable[ProxyHandle]]) -> AsyncIterator[Client]:
+    proxy = await make_proxy(CONFIG, upstream=drf_api)
+    async with aiohttp.ClientSession() as session:
+        yield Client(session, proxy.url, drf_api)
+
+
+async def test_the_api_behaves_as_drf_does(client: Client) -> None:
+    """The premises the other tests rest on, checked on the API directly."""
+    site = await client.create_site()
+    status, headers, _ = await client.call("GET", f"/api/sites/{site['id']}/", via=client.direct)
+    assert status == 200
+    assert "Accept" in headers["Vary"] and "ETag" not in headers
+    status, headers, _ = await client.call("POST", "/api/sites/", json_body={"name": "x"}, via=client.direct)
+    assert status == 201 and "Location" not in headers
+    status, headers, _ = await client.call(
+        "GET", f"/api/sites/{site['id']}/", headers={"Accept": "text/html"}, via=client.direct
+    )
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+
+
+async def test_a_303_after_a_put_leaves_the_old_tag_invalid(client: Client) -> None:
+    """Item 1: the upstream applies the PUT and answers 303 (Post/Redirect/
+    Get). The old tag must no longer validate, or a second client's stale
+    write would be forwarded over the change."""
+    site = await client.create_site(value=1)
+    path = f"/legacy/sites/{site['id']}"
+    status, headers, _ = await client.call("GET", path)
+    assert status == 200
+    old = headers["ETag"]
+    status, headers, _ = await client.call("PUT", path, json_body={"value": 2}, headers={"If-Match": old})
+    assert status == 303 and headers["Location"] == path
+    # A 303's validators would describe the redirect, not the resource.
+    assert "ETag" not in headers
+    status, _, _ = await client.call("PUT", path, json_body={"value": 99}, headers={"If-Match": old})
+    assert status == 412
+    status, headers, body = await client.call("GET", path)
+    assert json.loads(body)["value"] == 2 and headers["ETag"] != old
+
+
+async def test_a_302_from_the_web_form_leaves_the_old_tag_invalid(drf_api: str, make_proxy: Any) -> None:
+    """Item 1: Django's redirect() after a form POST is a 302; the outcome is
+    unknown, so the tag read before it is dead."""
+    proxy = await make_proxy(
+        CONFIG + "  - path: /sites/{id}/edit/\n    invalidates: [\"/api/sites/{id}/\"]\n", upstream=drf_api
+    )
+    async with aiohttp.ClientSession() as session:
+        c = Client(session, proxy.url, drf_api)
+        site = await c.create_site(value=1)
+        path = f"/sites/{site['id']}/edit/"
+        _, headers, _ = await c.call("GET", path)
+        old = headers["ETag"]
+        status, headers, _ = await c.call("POST", path, data={"description": "via form"}, headers={"If-Match": old})
+        assert status == 302 and "ETag" not in headers
+        status, _, _ = await c.call("POST", path, data={"description": "stale"}, headers={"If-Match": old})
+        assert status == 412
+
+
+async def test_vary_accept_the_default_json_carries_the_plain_tag_the_write_returned(client: Client) -> None:
+    """Item 2: DRF says `Vary: Accept` on every answer. The JSON it serves by
+    default gets the plain tag, the same one a write returns, so a writer's
+    re-read gets 304; the browsable API keeps a distinct tag."""
+    site = await client.create_site()
+    path = f"/api/sites/{site['id']}/"
+    tags = set()
+    for accept in (None, "*/*", "application/json", "application/json, text/plain;q=0.5"):
+        status, headers, _ = await client.call("GET", path, headers={"Accept": accept} if accept else {})
+        assert status == 200 and headers["Content-Type"] == "application/json"
+        tags.add(headers["ETag"])
+    assert len(tags) == 1
+    (plain,) = tags
+    assert "-" not in plain.strip('"')
+    status, headers, _ = await client.call(
+        "PATCH", path, json_body={"description": "new"}, headers={"If-Match": plain}
+    )
+    assert status == 200
+    written = headers["ETag"]
+    assert written != plain
+    status, headers, body = await client.call("GET", path, headers={"If-None-Match": written})
+    assert status == 304 and body == b"" and headers["ETag"] == written
+    # The browsable API is another representation: its own tag, never a 304
+    # for the JSON tag, and its tag never a 304 for the JSON.
+    html_tags = []
+    for html in ({"Accept": "text/html"}, {}):
+        suffix = "?format=api" if not html else ""
+        status, headers, _ = await client.call("GET", path + suffix, headers={**html, "If-None-Match": written})
+        assert status == 200 and headers["Content-Type"].startswith("text/html")
+        assert headers["ETag"] != written
+        html_tags.append(headers["ETag"])
+    assert len(set(html_tags)) == 2  # the query is another representation again
+    html_tag = html_tags[0]
+    status, _, _ = await client.call("GET", path, headers={"Accept": "text/html", "If-None-Match": html_tag})
+    assert status == 304
+    status, _, _ = await client.call("GET", path, headers={"If-None-Match": html_tag})
+    assert status == 200
+
+
+async def test_a_201_without_location_carries_no_collection_tag(client: Client) -> None:
+    """Item 3: DRF's create of a site sends no Location. The collection's
+    token must not be handed out as the created site's validator."""
+    status, _, _ = await client.call("GET", "/api/sites/")
+    status, headers, body = await client.call("POST", "/api/sites/", json_body={"name": "new"})
+    assert status == 201 and "Location" not in headers
+    assert "ETag" not in headers
+    created = json.loads(body)
+    # The item's own tag, from a read, is what validates its next write.
+    _, headers, _ = await client.call("GET", f"/api/sites/{created['id']}/")
+    status, _, _ = await client.call(
+        "PATCH", f"/api/sites/{created['id']}/", json_body={"value": 5}, headers={"If-Match": headers["ETag"]}
+    )
+    assert status == 200
+
+
+async def test_a_201_with_location_carries_the_created_resources_tag(client: Client) -> None:
+    """Item 3: a device's create answers Location (DRF does, from `url`);
+    the 201's tag is the created device's and validates its next write."""
+    site = await client.create_site()
+    status, headers, body = await client.call("POST", "/api/devices/", json_body={"name": "d", "site": site["id"]})
+    assert status == 201
+    created = json.loads(body)
+    assert headers["Location"] == created["url"]
+    tag = headers["ETag"]
+    status, headers, _ = await client.call(
+        "PATCH", f"/api/devices/{created['id']}/", json_body={"name": "d2"}, headers={"If-Match": tag}
+    )
+    assert status == 200
+
+
+async def test_delete_leaves_no_validator_and_a_repeat_gets_404_without_reaching_the_api(
+    client: Client, drf_api: str, make_proxy: Any
+) -> None:
+    """Item 6: a deleted resource has no validator; the pre-delete tag then
+    gets what the API would answer without preconditions (404), and no
+    write on a stale tag is ever forwarded."""
+    site = await client.create_site()
+    path = f"/api/sites/{site['id']}/"
+    _, headers, _ = await client.call("GET", path)
+    tag = headers["ETag"]
+    status, headers, _ = await client.call("DELETE", path, headers={"If-Match": tag})
+    assert status == 204 and "ETag" not in headers
+    status, headers, _ = await client.call("DELETE", path, headers={"If-Match": tag})
+    assert status == 404 and "ETag" not in headers
+    status, headers, _ = await client.call("GET", path)
+    assert status == 404 and "ETag" not in headers
+    # A PUT on the stale tag is refused before it could re-create anything.
+    status, _, _ = await client.call("PUT", path, json_body={"name": "back"}, headers={"If-Match": tag})
+    assert status == 412
+
+
+async def test_if_none_match_star_is_a_precondition_on_a_require_if_match_route(client: Client) -> None:
+    """Item 7: `If-None-Match: *` (create only) is a precondition, so a
+    require_if_match route evaluates it instead of answering 428."""
+    site = await client.create_site()
+    path = f"/api/sites/{site['id']}/"
+    status, _, _ = await client.call("PUT", path, json_body={"name": "x"})
+    assert status == 428
+    await client.call("GET", path)  # the proxy now knows the site exists
+    status, _, body = await client.call("PUT", path, json_body={"name": "x"}, headers={"If-None-Match": "*"})
+    assert status == 412, body
+    _, _, body = await client.call("GET", path, via=client.direct)
+    assert json.loads(body)["name"] == "site"
+    # On a site the proxy has no record of, the PUT goes on; DRF's PUT does
+    # not create, so its 404 is the answer.
+    status, _, _ = await client.call("PUT", "/api/sites/999999/", json_body={"name": "x"}, headers={"If-None-Match": "*"})
+    assert status == 404
