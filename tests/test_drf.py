@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from etagproxy.store.base import BeginStatus, Outcome, WriteCondition
 from tests.proxy_fixtures import ProxyHandle
 
 CONFIG = """\
@@ -222,3 +223,168 @@ async def test_if_none_match_star_is_a_precondition_on_a_require_if_match_route(
     # not create, so its 404 is the answer.
     status, _, _ = await client.call("PUT", "/api/sites/999999/", json_body={"name": "x"}, headers={"If-None-Match": "*"})
     assert status == 404
+
+
+NETBOX_CONFIG = """\
+upstream: {upstream}
+routes:
+  - path: /api/sites/{id}/
+    require_if_match: true
+    computed: true
+  - path: /api/sites/
+    created: '/api/sites/{response.id}/'
+    bulk: {field: id, member: '/api/sites/{id}/', max_members: 5}
+  - path: /api/devices/{id}/
+    invalidates: ['/api/sites/{body.site}/', '/api/sites/{response.site}/']
+  - path: /api/devices/
+    invalidates: ['/api/sites/{response.site}/']
+"""
+
+
+@pytest.fixture
+async def netbox(drf_api: str, make_proxy: Callable[..., Awaitable[ProxyHandle]]) -> AsyncIterator[Client]:
+    """The proxy configured as a NetBox user would: created, bulk, related
+    resources from the bodies, and the computed site representation."""
+    proxy = await make_proxy(NETBOX_CONFIG, upstream=drf_api)
+    async with aiohttp.ClientSession() as session:
+        yield Client(session, proxy.url, drf_api)
+
+
+async def test_created_names_the_new_resource_from_the_response_body(netbox: Client) -> None:
+    """Item 3: no Location, but `created` names the site from `id`: the 201
+    carries the site's own tag, which validates its next write, and which a
+    read of the site then confirms."""
+    status, headers, body = await netbox.call("POST", "/api/sites/", json_body={"name": "made"})
+    assert status == 201 and "Location" not in headers
+    tag = headers["ETag"]
+    site = json.loads(body)
+    path = f"/api/sites/{site['id']}/"
+    status, headers, _ = await netbox.call("PATCH", path, json_body={"value": 3}, headers={"If-Match": tag})
+    assert status == 200
+    status, _, _ = await netbox.call("PATCH", path, json_body={"value": 4}, headers={"If-Match": tag})
+    assert status == 412
+
+
+async def test_bulk_patch_outdates_every_member_it_names(netbox: Client) -> None:
+    """Item 4: NetBox's bulk PATCH on the list endpoint. A client holding a
+    member's old tag must get 412 afterwards; a member the bulk did not name
+    keeps its tag."""
+    a, b, c = [await netbox.create_site(f"s{i}") for i in range(3)]
+    tags = {}
+    for site in (a, b, c):
+        _, headers, _ = await netbox.call("GET", f"/api/sites/{site['id']}/")
+        tags[site["id"]] = headers["ETag"]
+    status, _, body = await netbox.call(
+        "PATCH", "/api/sites/", json_body=[{"id": a["id"], "value": 7}, {"id": b["id"], "value": 8}]
+    )
+    assert status == 200, body
+    for site, expected in ((a, 412), (b, 412), (c, 200)):
+        status, _, _ = await netbox.call(
+            "PATCH", f"/api/sites/{site['id']}/", json_body={"description": "stale?"},
+            headers={"If-Match": tags[site["id"]]},
+        )
+        assert status == expected, site
+    _, _, body = await netbox.call("GET", f"/api/sites/{a['id']}/", via=netbox.direct)
+    assert json.loads(body)["value"] == 7 and json.loads(body)["description"] == ""
+
+
+async def test_bulk_delete_outdates_members_and_a_bad_bulk_body_is_refused(netbox: Client) -> None:
+    """Item 4: bulk DELETE versions each member; a body past max_members is
+    413, one whose items lack the field is 400, and neither reaches the API."""
+    sites = [await netbox.create_site(f"d{i}") for i in range(6)]
+    _, headers, _ = await netbox.call("GET", f"/api/sites/{sites[0]['id']}/")
+    tag = headers["ETag"]
+    status, _, body = await netbox.call("DELETE", "/api/sites/", json_body=[{"id": s["id"]} for s in sites])
+    assert status == 413 and json.loads(body)["type"].endswith("bulk-members")
+    status, _, body = await netbox.call("DELETE", "/api/sites/", json_body=[{"name": "no id"}])
+    assert status == 400
+    _, _, body = await netbox.call("GET", "/api/sites/", via=netbox.direct)
+    assert {s["id"] for s in sites} <= {s["id"] for s in json.loads(body)}
+    status, _, _ = await netbox.call("DELETE", "/api/sites/", json_body=[{"id": sites[0]["id"]}])
+    assert status == 204
+    status, _, _ = await netbox.call(
+        "PUT", f"/api/sites/{sites[0]['id']}/", json_body={"name": "back"}, headers={"If-Match": tag}
+    )
+    assert status == 412
+
+
+async def test_a_bulk_write_never_interleaves_with_a_member_write(drf_api: str, make_proxy: Any) -> None:
+    """Item 4: the bulk leases every member. While a member write holds its
+    lease, the bulk waits and then gets 409 without reaching the API; once
+    the member write has ended, the bulk goes through."""
+    proxy = await make_proxy(NETBOX_CONFIG + "timeouts: {write_wait: 200ms}\n", upstream=drf_api)
+    store = proxy.server.store
+    async with aiohttp.ClientSession() as session:
+        c = Client(session, proxy.url, drf_api)
+        site = await c.create_site("busy")
+        path = f"/api/sites/{site['id']}/"
+        await c.call("GET", path)
+        # A member write in flight, as the proxy's write path holds it.
+        begun = await store.begin(path, WriteCondition(), "member-writer", 10_000, 0)
+        assert begun.status is BeginStatus.OK
+        status, headers, _ = await c.call("PATCH", "/api/sites/", json_body=[{"id": site["id"], "value": 9}])
+        assert status == 409 and "Retry-After" in headers
+        _, _, body = await c.call("GET", path, via=drf_api)
+        assert json.loads(body)["value"] == 0
+        await store.end(path, "member-writer", Outcome.SUCCESS)
+        status, _, _ = await c.call("PATCH", "/api/sites/", json_body=[{"id": site["id"], "value": 9}])
+        assert status == 200
+        # The collection's lease was given back too: nothing is left held.
+        status, _, _ = await c.call("PATCH", "/api/sites/", json_body=[{"id": site["id"], "value": 10}])
+        assert status == 200
+
+
+async def test_a_device_write_outdates_its_site_from_the_body(netbox: Client) -> None:
+    """Item 5: creating or moving a device changes its site's device_count.
+    The site's old tag must not get a 304, nor pass If-Match."""
+    site = await netbox.create_site("home")
+    other = await netbox.create_site("other")
+    path = f"/api/sites/{site['id']}/"
+    _, headers, body = await netbox.call("GET", path)
+    assert json.loads(body)["device_count"] == 0
+    tag = headers["ETag"]
+    status, _, dev = await netbox.call("POST", "/api/devices/", json_body={"name": "d", "site": site["id"]})
+    assert status == 201
+    # `{response.site}` named the site: its token moved on.
+    status, _, _ = await netbox.call("PATCH", path, json_body={"value": 1}, headers={"If-Match": tag})
+    assert status == 412
+    # Moving the device: the request body names the new site.
+    _, headers, _ = await netbox.call("GET", f"/api/sites/{other['id']}/")
+    other_tag = headers["ETag"]
+    device = json.loads(dev)
+    _, headers, _ = await netbox.call("GET", f"/api/devices/{device['id']}/")
+    status, _, _ = await netbox.call(
+        "PATCH", f"/api/devices/{device['id']}/", json_body={"site": other["id"]}, headers={"If-Match": headers["ETag"]}
+    )
+    assert status == 200
+    status, _, body = await netbox.call("GET", f"/api/sites/{other['id']}/", headers={"If-None-Match": other_tag})
+    assert status == 200 and json.loads(body)["device_count"] == 1
+    status, _, _ = await netbox.call(
+        "PATCH", f"/api/sites/{other['id']}/", json_body={"value": 1}, headers={"If-Match": other_tag}
+    )
+    assert status == 412
+
+
+async def test_computed_representations_never_get_a_304_for_changed_content(netbox: Client, drf_api: str) -> None:
+    """Item 5, safe mode: a device created on the API directly (no proxy,
+    nothing to invalidate) changes the site's device_count. The computed
+    route's tag names the body, so the old tag gets 200 with the new count;
+    an unchanged body still gets 304, and the site's own writes still need
+    the tag's version."""
+    site = await netbox.create_site("computed")
+    path = f"/api/sites/{site['id']}/"
+    _, headers, _ = await netbox.call("GET", path)
+    tag = headers["ETag"]
+    assert "Last-Modified" not in headers
+    status, _, _ = await netbox.call("GET", path, headers={"If-None-Match": tag})
+    assert status == 304
+    status, _, _ = await netbox.call(
+        "POST", "/api/devices/", json_body={"name": "bypass", "site": site["id"]}, via=drf_api
+    )
+    assert status == 201
+    status, headers, body = await netbox.call("GET", path, headers={"If-None-Match": tag})
+    assert status == 200 and json.loads(body)["device_count"] == 1
+    assert headers["ETag"] != tag
+    # The site itself did not change: its version still validates a write.
+    status, _, _ = await netbox.call("PATCH", path, json_body={"value": 2}, headers={"If-Match": tag})
+    assert status == 200
