@@ -1202,7 +1202,7 @@ class _Builder:
         if len(_template_names(member)) != 1:
             self.problems.add(
                 entries["member"][1], _join(path, "member"),
-                "a member template with exactly one variable, filled by the field", member,
+                "a member template with exactly one variable, filled by the field",
             )
             return _INVALID
         return Bulk(**values)

@@ -514,6 +514,52 @@ STORE = (
             " got a list",
             id="top-level-list",
         ),
+        pytest.param(
+            UPSTREAM + "routes:\n  - path: /a/\n    bulk: {field: id, member: '/a/{id}/{x}/'}\n",
+            "config.yaml:4: routes[0].bulk.member: expected a member template with exactly one"
+            " variable, filled by the field, got '/a/{id}/{x}/'",
+            id="bulk-member-variables",
+        ),
+        pytest.param(
+            UPSTREAM + "routes:\n  - path: /a/\n    bulk: {member: '/a/{id}/'}\n",
+            "config.yaml:4: routes[0].bulk.field: expected a value such as id (the key is required), got nothing",
+            id="bulk-field-missing",
+        ),
+        pytest.param(
+            UPSTREAM + "routes:\n  - path: /a/\n    bulk: {field: id, member: '/a/{id}/', max_members: 0}\n",
+            "config.yaml:4: routes[0].bulk.max_members: expected a whole number from 1 to 10000, got 0",
+            id="bulk-max-members",
+        ),
+        pytest.param(
+            UPSTREAM + "routes:\n  - path: /a/\n    bulk: {field: id, members: '/a/{id}/'}\n",
+            "config.yaml:4: routes[0].bulk.members: expected a known key (did you mean 'member'?),"
+            " got an unknown key",
+            id="bulk-unknown-key",
+        ),
+        pytest.param(
+            UPSTREAM + "routes:\n  - path: /a/{id}\n    computed: true\n    short_circuit: true\n",
+            "config.yaml:5: routes[0].short_circuit: expected short_circuit false on a computed route"
+            " (its 304s need the upstream's body), got true",
+            id="computed-short-circuit",
+        ),
+        pytest.param(
+            UPSTREAM + "routes:\n  - path: /a/\n    plain_types: [application/*]\n",
+            "config.yaml:4: routes[0].plain_types[0]: expected a media type such as application/json"
+            " (no parameters, no wildcards), got 'application/*'",
+            id="plain-types-wildcard",
+        ),
+        pytest.param(
+            UPSTREAM + "routes:\n  - path: /a/{body.id}\n",
+            "config.yaml:3: routes[0].path: expected a path template with plain variable names"
+            " ({body.x} and {response.x} belong in invalidates and created), got '/a/{body.id}'",
+            id="path-dotted-variable",
+        ),
+        pytest.param(
+            UPSTREAM + "routes:\n  - path: /a/\n    created: '/a/{other}/'\n",
+            "config.yaml:4: routes[0].created: expected only variables the route's path defines (none),"
+            " {body.<field>} or {response.<field>}, got '/a/{other}/'",
+            id="created-variable",
+        ),
     ],
 )
 def test_problem_message(text: str, message: str) -> None:
