@@ -26,7 +26,8 @@ def site_edit(request, pk):  # type: ignore[no-untyped-def]
 @csrf_exempt
 def legacy_site(request, pk):  # type: ignore[no-untyped-def]
     """A JSON resource whose PUT applies the change and answers 303 See
-    Other to the canonical URL (Post/Redirect/Get on an API)."""
+    Other to the canonical URL (Post/Redirect/Get on an API), and whose GET
+    carries the upstream's own weak ETag."""
     site = get_object_or_404(Site, pk=pk)
     if request.method == "PUT":
         data = json.loads(request.body or b"{}")
@@ -36,7 +37,10 @@ def legacy_site(request, pk):  # type: ignore[no-untyped-def]
         response = HttpResponseRedirect(f"/legacy/sites/{pk}")
         response.status_code = 303
         return response
-    return JsonResponse({"id": site.pk, "description": site.description, "value": site.value})
+    response = JsonResponse({"id": site.pk, "description": site.description, "value": site.value})
+    # Its own validator, the way NetBox 4.6 sends one: weak, from last_updated.
+    response["ETag"] = f'W/"{site.last_updated.isoformat()}"'
+    return response
 
 
 urlpatterns = [
