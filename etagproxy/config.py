@@ -45,6 +45,8 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
+from etagproxy.derived import VersionSource
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -207,6 +209,10 @@ class RouteConfig:
     plain_types: tuple[str, ...] = ("application/json",)
     """Media types served as the default representation under `Vary: Accept`:
     they carry the plain tag a write returns; other types get their own."""
+    version: VersionSource | None = None
+    """Where the version comes from: None for the proxy's own token (the
+    default, `version: token`), or a field, header or body hash of the
+    upstream's answer, checked against the upstream before each write."""
     computed: bool = False
     """The representation includes data of other resources (counts, nested
     objects): its tag also carries a hash of the body, so no 304 is given
@@ -684,6 +690,12 @@ def _parse_field_name(value: object) -> str:
     raise _Bad("a JSON field name such as id (dotted for a nested field)", value)
 
 
+def _parse_header_name(value: object) -> str:
+    if isinstance(value, str) and _TOKEN.fullmatch(value):
+        return value
+    raise _Bad("a header name such as ETag", value)
+
+
 def _parse_member_count(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 10_000:
         return value
@@ -964,6 +976,7 @@ _TRACK_ONLY: Final = frozenset(
         "bulk",
         "plain_types",
         "computed",
+        "version",
         "require_if_match",
         "invalidates",
         "short_circuit",
@@ -1000,7 +1013,7 @@ _SCALAR_ROUTE_PARSERS: Final[dict[str, Callable[[object], Any]]] = {
 }
 _ROUTE_KEYS: Final = tuple(f.name for f in dataclasses.fields(RouteConfig) if f.name != "line")
 assert set(_ROUTE_KEYS) == {
-    *_SCALAR_ROUTE_PARSERS, "methods", "upstream", "key_query", "invalidates", "bulk", "plain_types"
+    *_SCALAR_ROUTE_PARSERS, "methods", "upstream", "key_query", "invalidates", "bulk", "plain_types", "version"
 }
 _BULK_PARSERS: Final[dict[str, Callable[[object], Any]]] = {
     "field": _parse_field_name,
@@ -1180,7 +1193,43 @@ class _Builder:
             return self.sequence(node, path, "media types", _parse_media_type)
         if name == "bulk":
             return self.bulk(node, path)
+        if name == "version":
+            return self.version(node, path)
         raise AssertionError(name)
+
+    def version(self, node: _Node, path: str) -> VersionSource | None | _Invalid:
+        expected = "token, or a mapping with from: field, header or body"
+        if node.value == "token":
+            return None
+        entries = self.mapping(node, path) if isinstance(node.value, dict) else None
+        if entries is None:
+            self.problems.add(node, path, expected)
+            return _INVALID
+        if "from" not in entries:
+            self.problems.add(node, _join(path, "from"), "field, header or body (the key is required)", "nothing")
+            return _INVALID
+        source = self.scalar(entries["from"][1], _join(path, "from"), _choice("token", "field", "header", "body"))
+        if source is _INVALID:
+            return _INVALID
+        allowed = {"token": (), "field": ("field",), "header": ("header",), "body": ()}[source]
+        for name, (key, _) in entries.items():
+            if name != "from" and name not in allowed:
+                _unknown_key(self.problems, key, path, ("from", *allowed))
+                return _INVALID
+        if source == "token":
+            return None
+        if source == "body":
+            return VersionSource("body")
+        name = allowed[0]
+        if name not in entries:
+            example = "last_updated" if name == "field" else "ETag"
+            self.problems.add(node, _join(path, name), f"a value such as {example} (the key is required)", "nothing")
+            return _INVALID
+        if source == "header":
+            header = self.scalar(entries["header"][1], _join(path, "header"), _parse_header_name)
+            return _INVALID if header is _INVALID else VersionSource("header", header=header)
+        fields = self.sequence(entries["field"][1], _join(path, "field"), "JSON field names", _parse_field_name)
+        return _INVALID if fields is _INVALID else VersionSource("field", fields=fields)
 
     def bulk(self, node: _Node, path: str) -> Bulk | _Invalid:
         entries = self.mapping(node, path)
@@ -1302,6 +1351,14 @@ class _Builder:
             for name in ("invalidates", "created"):
                 if name in merged:
                     ok = self.check_variables(path, name, template, merged[name][1], name in own) and ok
+            if merged.get("version", (None,))[0] is not None:
+                for name in ("short_circuit", "fingerprint"):
+                    if merged.get(name, (False,))[0]:
+                        self.problems.add(
+                            merged[name][1], _join(path, name),
+                            f"{name} false on a route whose version comes from the upstream", "true",
+                        )
+                        ok = False
             if merged.get("computed", (False,))[0] and merged.get("short_circuit", (False,))[0]:
                 where = own.get("short_circuit", own.get("computed", merged["computed"]))[1]
                 self.problems.add(

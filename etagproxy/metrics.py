@@ -141,6 +141,14 @@ class Metrics:
             ("kind",),
             registry=r,
         )
+        self.verify_window = Histogram(
+            "etagproxy_verify_window_seconds",
+            "On routes with a version from the upstream: from reading the version a"
+            " write is checked against until the write's answer arrived, the time a"
+            " write that bypasses the proxy could still be overwritten.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.lease_wait = Histogram(
             "etagproxy_lease_wait_seconds",
             "Time writes waited behind another write to the same resource.",

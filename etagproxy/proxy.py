@@ -34,6 +34,7 @@ from yarl import URL
 from etagproxy import headers as hdr
 from etagproxy.config import Bulk, Config, RouteConfig
 from etagproxy.etag import EntityTag, make_etag, parse_tag_list
+from etagproxy.derived import derive_token
 from etagproxy.bodyvars import BulkError, bulk_values, fields_for, json_document, needs
 from etagproxy.guard import ClientBodyError, arrived_body, client_chunks
 from etagproxy.httpdate import format_http_date
@@ -53,6 +54,7 @@ from etagproxy.store.base import (
     Version,
     VersionStore,
     WriteCondition,
+    evaluate_write,
 )
 from etagproxy.target import Target, TargetError, canonicalize
 from etagproxy.upstream import Upstream, UpstreamError, body_errors, map_body_error
@@ -161,6 +163,8 @@ class Exchange:
     """credential_hash of the request, computed at most once."""
     members: tuple[str, ...] = ()
     """Keys of the members a bulk write leased besides its own."""
+    verified_at: float = 0.0
+    """When the upstream's version was read for a write (perf_counter)."""
 
 
 def credential_hash(headers: CIMultiDict[str] | object) -> str:
@@ -353,6 +357,8 @@ class Proxy:
             return await self._plain(request, ex, target, match, named)
         ex.key = match.key
         if request.method in READ_METHODS:
+            if cfg.version is not None:
+                return await self._read_derived(request, ex, target, match, named)
             return await self._read(request, ex, target, match, named)
         return await self._write(request, ex, target, match, named)
 
@@ -587,29 +593,82 @@ class Proxy:
                 # A computed representation changes at times the version
                 # does not record, so it gets no date to be compared with.
                 last_modified = version.minted_ms // 1000 if cfg.last_modified and not cfg.computed else None
-                decision = evaluate(
-                    request.method, cond, Representation(version.token, tag, last_modified)
+                return await self._answer_read(
+                    request, ex, up, out, cond, Representation(version.token, tag, last_modified), body, more
                 )
-                if decision is not Decision.PROCEED and body is None and request.method == "GET":
-                    # The body is not sent; reading a small one to its end
-                    # keeps the upstream connection reusable.
-                    await up.read(DRAIN_LIMIT)  # type: ignore[attr-defined]
-                if decision is Decision.NOT_MODIFIED:
-                    ex.decision = "not_modified"
-                    self.metrics.preconditions.labels(ex.route, "not_modified").inc()
-                    return self._not_modified(ex, tag, out, None)
-                if decision is Decision.PRECONDITION_FAILED:
-                    ex.decision = "precondition_failed"
-                    self.metrics.preconditions.labels(ex.route, "precondition_failed").inc()
-                    return problem(
-                        412, "precondition-failed",
-                        "The resource has changed since the version named in the precondition. "
-                        "Re-read it and retry with the new ETag.",
-                    )
-                out["ETag"] = str(tag)
-                if last_modified is not None:
-                    out["Last-Modified"] = format_http_date(last_modified)
-                return await self._relay(request, ex, up, out, body=body, more=more)
+        except UpstreamError as exc:
+            return self._upstream_failed(ex, exc)
+
+    async def _answer_read(
+        self, request: web.BaseRequest, ex: Exchange, up: object, out: CIMultiDict[str],
+        cond: Conditionals, rep: Representation, body: bytes | None, more: bool,
+    ) -> web.StreamResponse:
+        """Evaluate the read's preconditions against `rep` (§13.2.2) and answer
+        304, 412, or the upstream's 2xx with the validators."""
+        decision = evaluate(request.method, cond, rep)
+        if decision is not Decision.PROCEED and body is None and request.method == "GET":
+            # The body is not sent; reading a small one to its end keeps the
+            # upstream connection reusable.
+            await up.read(DRAIN_LIMIT)  # type: ignore[attr-defined]
+        tag = rep.etag
+        if decision is Decision.NOT_MODIFIED and tag is not None:
+            ex.decision = "not_modified"
+            self.metrics.preconditions.labels(ex.route, "not_modified").inc()
+            return self._not_modified(ex, tag, out, None)
+        if decision is Decision.PRECONDITION_FAILED:
+            ex.decision = "precondition_failed"
+            self.metrics.preconditions.labels(ex.route, "precondition_failed").inc()
+            return problem(
+                412, "precondition-failed",
+                "The resource has changed since the version named in the precondition. "
+                "Re-read it and retry with the new ETag.",
+            )
+        if tag is not None:
+            out["ETag"] = str(tag)
+        if rep.last_modified is not None:
+            out["Last-Modified"] = format_http_date(rep.last_modified)
+        return await self._relay(request, ex, up, out, body=body, more=more)
+
+    async def _read_derived(
+        self, request: web.BaseRequest, ex: Exchange, target: Target, match: Match,
+        named: frozenset[str],
+    ) -> web.StreamResponse:
+        """A read on a route whose version comes from the upstream's answer:
+        the tag names exactly the version in this body, so no store and no
+        pending-write check is needed; a body that does not name its version
+        goes out without a tag."""
+        cfg: RouteConfig = match.route.config
+        source = cfg.version
+        assert source is not None
+        cond = Conditionals.from_headers(request.headers)
+        qpart = query_variant(target, match.route.key_query)
+        drop = named if cfg.upstream_conditionals else (REQUEST_DROP_TRACKED | named)
+        if not cfg.upstream_conditionals and cond.range is not None and cond.if_range is not None:
+            drop = drop | {"range"}
+        headers = self._upstream_headers(request, ex, drop, keep_framing=True)
+        t0 = time.perf_counter()
+        try:
+            async with self._send(match, target, request.method, headers, self._client_body(request, ex)) as up:  # type: ignore[attr-defined]
+                self._upstream_timing(ex, t0, up.status)
+                out = hdr.response_headers(
+                    up.raw_headers, drop=RESPONSE_DROP_TRACKED, via=self.config.via, rid=ex.rid
+                )
+                if not 200 <= up.status < 300:
+                    return await self._relay(request, ex, up, out)
+                body: bytes | None = None
+                more = False
+                if source.needs_body and request.method == "GET":
+                    body, complete = await up.read(self.config.limits.fingerprint_max)  # type: ignore[attr-defined]
+                    more = not complete
+                token = None if more else derive_token(source, match.key, up.headers, body)  # type: ignore[attr-defined]
+                if token is None:
+                    ex.decision = "unversioned"
+                    return await self._relay(request, ex, up, out, body=body, more=more)
+                variant = representation_variant(qpart, out, cfg.plain_types)
+                tag = make_etag(token, variant)
+                return await self._answer_read(
+                    request, ex, up, out, cond, Representation(token, tag, None), body, more
+                )
         except UpstreamError as exc:
             return self._upstream_failed(ex, exc)
 
@@ -728,7 +787,13 @@ class Proxy:
         cfg: RouteConfig = match.route.config
         cond = Conditionals.from_headers(request.headers)
         wcond = write_condition(cond)
-        if cfg.require_if_match and not wcond.has_precondition:
+        # With a version from the upstream there is no modification date:
+        # only If-Match and If-None-Match can be checked (§13.1.4).
+        checked = (
+            wcond.has_precondition if cfg.version is None
+            else wcond.if_match is not None or wcond.if_none_match is not None
+        )
+        if cfg.require_if_match and not checked:
             ex.decision = "precondition_required"
             self.metrics.preconditions.labels(ex.route, "precondition_required").inc()
             return problem(
@@ -762,8 +827,11 @@ class Proxy:
         # Unique per write: the request id may come from the client.
         owner = random_hex(12)
         try:
+            # A version from the upstream is checked against the upstream
+            # below; the store's lease still serialises the proxy's writes.
+            stored = wcond if cfg.version is None else WriteCondition()
             begun = await self._timed_store(
-                ex, "begin", self.store.begin(match.key, wcond, owner, self.lease_ms, self.wait_ms)
+                ex, "begin", self.store.begin(match.key, stored, owner, self.lease_ms, self.wait_ms)
             )
         except StoreError:
             if cfg.on_store_error == "fail_open":
@@ -808,7 +876,67 @@ class Proxy:
             refused = await self._lease_members(ex, match.key, owner, members)
             if refused is not None:
                 return refused
+        if cfg.version is not None and checked:
+            try:
+                refused = await self._verify(request, ex, target, match, wcond)
+            except UpstreamError as exc:
+                refused = self._upstream_failed(ex, exc)
+            except BaseException:
+                await self._end(ex, match.key, owner, Outcome.REJECTED)
+                raise
+            if refused is not None:
+                await self._end(ex, match.key, owner, Outcome.REJECTED)
+                return refused
         return await self._forward_write(request, ex, target, match, headers, body, owner, cond)
+
+    async def _verify(
+        self, request: web.BaseRequest, ex: Exchange, target: Target, match: Match, wcond: WriteCondition
+    ) -> web.StreamResponse | None:
+        """Check the write's preconditions against the version the upstream
+        holds now, under the write's lease: GET the resource with the
+        caller's credentials and derive its version. None: forward the write.
+
+        A non-2xx answer is relayed (§13.2.1: preconditions are ignored when
+        the request without them would fail), except a 404/410 when the
+        write may create (PUT/PATCH with `If-None-Match: *` passes, If-Match
+        gets 412). The window in which a write bypassing the proxy can still
+        be overwritten runs from the end of this read to the upstream
+        applying the write (`etagproxy_verify_window_seconds`).
+        """
+        source = match.route.config.version
+        assert source is not None
+        hop = hdr.connection_tokens(request.headers.getall("Connection", ()))
+        headers = self._upstream_headers(request, ex, REQUEST_DROP_TRACKED | AUTHORIZE_DROP | hop, keep_framing=False)
+        current: Version | None = None
+        async with self._send(match, target, "GET", headers, None) as up:  # type: ignore[attr-defined]
+            out = hdr.response_headers(up.raw_headers, drop=RESPONSE_DROP_TRACKED, via=self.config.via, rid=ex.rid)
+            if 200 <= up.status < 300:
+                body, complete = await up.read(self.config.limits.fingerprint_max)
+                token = derive_token(source, match.key, up.headers, body) if complete else None
+                if token is None:
+                    ex.decision = "version_unavailable"
+                    return problem(
+                        502, "version-unavailable",
+                        "The upstream's representation does not name its version, so the "
+                        "precondition cannot be checked; the write was not forwarded.",
+                    )
+                current = Version(token, 0)
+            elif up.status in (404, 410) and request.method != "DELETE":
+                current = None
+            else:
+                ex.decision = "authorize_refused"
+                ex.upstream_status = up.status
+                return await self._relay(request, ex, up, out)
+        ex.verified_at = time.perf_counter()
+        if evaluate_write(wcond, current):
+            return None
+        ex.decision = "precondition_failed"
+        self.metrics.preconditions.labels(ex.route, "precondition_failed").inc()
+        return problem(
+            412, "precondition-failed",
+            "The resource has changed since the version named in the precondition; "
+            "the write was not applied. Re-read it and retry with the new ETag.",
+        )
 
     def _bulk_members(self, match: Match, bulk: Bulk, body: bytes) -> list[str]:
         """Keys of the members a bulk body names, sorted (so two bulk writes
@@ -1076,6 +1204,8 @@ class Proxy:
         try:
             async with self._send(match, target, request.method, headers, body, whole=True) as up:  # type: ignore[attr-defined]
                 self._upstream_timing(ex, t0, up.status)
+                if ex.verified_at:
+                    self.metrics.verify_window.observe(time.perf_counter() - ex.verified_at)
                 status = up.status
                 outcome = write_outcome(status)
                 validated = validators_allowed(status)
@@ -1090,7 +1220,7 @@ class Proxy:
                 # (`created`), related ones (`{response.x}` in invalidates).
                 named = needs(cfg.invalidates, "response") or (
                     status == 201 and cfg.created is not None and "Location" not in up.headers  # type: ignore[attr-defined]
-                )
+                ) or (cfg.version is not None and cfg.version.needs_body)
                 if validated and (idem is not None or named) and request.method != "HEAD":
                     try:
                         # Recorded for replay only if small; a larger body
@@ -1117,9 +1247,19 @@ class Proxy:
                         # A 2xx write is a success of these credentials too.
                         self.spawn(self._record_reader(match.key, self._creds(request, ex), cfg))
                     # A deleted resource has no validator (RFC 9110 §8.8).
-                    shown = None if request.method == "DELETE" else await self._response_version(
-                        ex, match, up, committed, target, request.headers.get("Host"), fields
-                    )
+                    if cfg.version is not None:
+                        shown = None
+                        # The write's answer names the new version when it
+                        # is the resource's representation (not a 201's).
+                        token = None if request.method == "DELETE" or status == 201 or more else derive_token(
+                            cfg.version, match.key, up.headers, resp_body  # type: ignore[attr-defined]
+                        )
+                        if token is not None and cfg.etag_on_write:
+                            out["ETag"] = str(make_etag(token))
+                    else:
+                        shown = None if request.method == "DELETE" else await self._response_version(
+                            ex, match, up, committed, target, request.headers.get("Host"), fields
+                        )
                     if shown is not None and cfg.etag_on_write:
                         version, dated = shown
                         out["ETag"] = str(make_etag(version.token))

@@ -466,3 +466,105 @@ async def test_eight_clients_incrementing_through_the_proxy_lose_no_update(
         assert refused > 0  # the clients did contend
         print(f"DRF {store}: proxy acked {acked} final {final} ({refused} x 412); "
               f"direct acked {results[False][0]} final {results[False][1]}")
+
+
+VERSIONED_CONFIG = """\
+upstream: {upstream}
+routes:
+  - path: /api/sites/{id}/
+    require_if_match: true
+    version: {from: field, field: last_updated}
+  - path: /legacy/sites/{id}
+    version: {from: header, header: ETag}
+"""
+
+
+@pytest.fixture
+async def versioned(drf_api: str, make_proxy: Callable[..., Awaitable[ProxyHandle]]) -> AsyncIterator[Client]:
+    proxy = await make_proxy(VERSIONED_CONFIG, upstream=drf_api)
+    async with aiohttp.ClientSession() as session:
+        yield Client(session, proxy.url, drf_api)
+
+
+async def _form_edit(c: Client, site_id: int, description: str) -> None:
+    """A colleague edits the site in the web UI, which the proxy never sees."""
+    status, _, _ = await c.call("POST", f"/sites/{site_id}/edit/", data={"description": description}, via=c.direct)
+    assert status == 302
+
+
+async def test_version_from_last_updated_catches_a_web_ui_edit(versioned: Client) -> None:
+    """#14: with the version taken from `last_updated`, an edit made through
+    the web UI (bypassing the proxy) outdates every tag read before it: the
+    proxied write on such a tag gets 412 and the colleague's edit stands."""
+    site = await versioned.create_site("ui")
+    path = f"/api/sites/{site['id']}/"
+    _, headers, _ = await versioned.call("GET", path)
+    before = headers["ETag"]
+    assert not before.startswith("W/") and "Last-Modified" not in headers
+    await _form_edit(versioned, site["id"], "edited in the UI")
+    status, _, body = await versioned.call("PATCH", path, json_body={"value": 5}, headers={"If-Match": before})
+    assert status == 412, body
+    _, _, body = await versioned.call("GET", path, via=versioned.direct)
+    assert json.loads(body) | {"last_updated": None} == json.loads(body) | {
+        "description": "edited in the UI", "value": 0, "last_updated": None
+    }
+    # The new read names the new version; the write's answer names the next.
+    status, headers, _ = await versioned.call("GET", path, headers={"If-None-Match": before})
+    assert status == 200
+    current = headers["ETag"]
+    status, headers, _ = await versioned.call("PATCH", path, json_body={"value": 6}, headers={"If-Match": current})
+    assert status == 200
+    written = headers["ETag"]
+    assert written != current
+    status, _, _ = await versioned.call("GET", path, headers={"If-None-Match": written})
+    assert status == 304
+
+
+async def test_a_derived_version_survives_a_store_wipe(
+    versioned: Client, drf_api: str, make_proxy: Callable[..., Awaitable[ProxyHandle]]
+) -> None:
+    """The tag is derived from the upstream's value, not from the store: a
+    fresh proxy (an empty store) hands out the same tag and accepts it."""
+    site = await versioned.create_site("wipe")
+    path = f"/api/sites/{site['id']}/"
+    _, headers, _ = await versioned.call("GET", path)
+    tag = headers["ETag"]
+    fresh = await make_proxy(VERSIONED_CONFIG, upstream=drf_api)
+    status, headers, _ = await versioned.call("GET", path, headers={"If-None-Match": tag}, via=fresh.url)
+    assert status == 304 and headers["ETag"] == tag
+    status, _, _ = await versioned.call("PATCH", path, json_body={"value": 1}, headers={"If-Match": tag}, via=fresh.url)
+    assert status == 200
+
+
+async def test_version_from_the_upstreams_weak_etag(versioned: Client) -> None:
+    """#14: an upstream whose own weak tags are version-exact (NetBox 4.6's
+    last_updated tags): the proxy derives a strong tag from them and checks
+    If-Match itself, so a direct write outdates the proxy's tag too."""
+    site = await versioned.create_site("hdr", value=1)
+    path = f"/legacy/sites/{site['id']}"
+    _, headers, _ = await versioned.call("GET", path)
+    tag = headers["ETag"]
+    assert not tag.startswith("W/")
+    status, _, _ = await versioned.call("GET", path, headers={"If-None-Match": tag})
+    assert status == 304
+    status, _, _ = await versioned.call("PUT", path, json_body={"value": 2}, via=versioned.direct)
+    assert status == 303
+    status, _, _ = await versioned.call("PUT", path, json_body={"value": 3}, headers={"If-Match": tag})
+    assert status == 412
+    _, _, body = await versioned.call("GET", path, via=versioned.direct)
+    assert json.loads(body)["value"] == 2
+
+
+async def test_a_verified_write_on_a_deleted_resource(versioned: Client) -> None:
+    """The verify read finds the resource gone: a DELETE gets the API's 404,
+    a PATCH on the old tag 412; neither is forwarded."""
+    site = await versioned.create_site("gone")
+    path = f"/api/sites/{site['id']}/"
+    _, headers, _ = await versioned.call("GET", path)
+    tag = headers["ETag"]
+    status, _, _ = await versioned.call("DELETE", path, via=versioned.direct)
+    assert status == 204
+    status, _, _ = await versioned.call("DELETE", path, headers={"If-Match": tag})
+    assert status == 404
+    status, _, _ = await versioned.call("PATCH", path, json_body={"value": 1}, headers={"If-Match": tag})
+    assert status == 412
