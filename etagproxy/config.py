@@ -21,6 +21,8 @@ file's; `store` also takes a bare URL; `trusted_proxies` takes a comma
 separated list or a YAML flow list. An empty variable overrides nothing,
 except `ETAGPROXY_ADMIN_LISTEN=`, which turns the admin endpoints off.
 `ETAGPROXY_CONFIG` and `ETAGPROXY_LOG_*` belong to the command line; any
+Kubernetes service-link variables (`ETAGPROXY_REDIS_SERVICE_HOST`,
+`ETAGPROXY_REDIS_PORT=tcp://...`) are ignored; any
 other unknown `ETAGPROXY_` name is a problem, so a typo cannot silently leave
 a setting at its default.
 
@@ -1416,6 +1418,27 @@ def _env_reserved(name: str) -> bool:
     return name == "ETAGPROXY_CONFIG" or name.startswith("ETAGPROXY_LOG_")
 
 
+_SERVICE_LINK_NAME = re.compile(
+    r"[A-Z0-9_]+?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)"
+)
+_SERVICE_LINK_URL = re.compile(r"(tcp|udp|sctp)://[^\s/]+:\d+")
+
+
+def service_link(name: str, value: str) -> bool:
+    """Whether `name=value` is a variable Kubernetes injects for a Service
+    (`<SVC>_SERVICE_HOST`, `<SVC>_PORT=tcp://host:port`, ...): a Service
+    named etagproxy-redis gives ETAGPROXY_REDIS_*. Only names that are not a
+    setting count, and `<SVC>_PORT` only with a tcp://-style value, so a
+    typo in a real setting is still reported."""
+    key = name[len(_ENV_PREFIX) :].lower()
+    found = _SERVICE_LINK_NAME.fullmatch(name)
+    if key in _TOP_KEYS or found is None:
+        return False
+    if found.group(1) == "PORT":
+        return bool(_SERVICE_LINK_URL.fullmatch(value.strip()))
+    return True
+
+
 def _apply_env(
     top: dict[str, tuple[_Node, _Node]],
     env: Mapping[str, str],
@@ -1424,7 +1447,7 @@ def _apply_env(
 ) -> None:
     """Override top-level entries of `top` in place from `ETAGPROXY_*` variables."""
     for name in sorted(env):
-        if not name.startswith(_ENV_PREFIX) or _env_reserved(name):
+        if not name.startswith(_ENV_PREFIX) or _env_reserved(name) or service_link(name, env[name]):
             continue
         where = f"env {name}"
         key = name[len(_ENV_PREFIX) :].lower()

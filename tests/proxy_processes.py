@@ -147,7 +147,9 @@ class ProxyProcess:
         return self.proc.returncode
 
 
-async def start_proxy(config_text: str, workdir: Path, *, access_log: bool = False) -> ProxyProcess:
+async def start_proxy(
+    config_text: str, workdir: Path, *, access_log: bool = False, env: dict[str, str] | None = None
+) -> ProxyProcess:
     """Write `config_text` (which must name its admin port) and start a proxy on it."""
     admin = re.search(r"admin_listen: \S+:(\d+)", config_text)
     assert admin is not None, "the config must set admin_listen"
@@ -157,8 +159,9 @@ async def start_proxy(config_text: str, workdir: Path, *, access_log: bool = Fal
     argv = [sys.executable, "-m", "etagproxy", "run", "--config", str(path), "--log-format", "json"]
     if not access_log:
         argv.append("--no-access-log")
+    extra = env or {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env = {k: v for k, v in env.items() if not k.startswith("ETAGPROXY_")}
+    env = {k: v for k, v in env.items() if not k.startswith("ETAGPROXY_")} | extra
     proc = await asyncio.create_subprocess_exec(
         *argv, cwd=REPO, env=env,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
