@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
 
-__all__ = ["BulkError", "bulk_values", "field_value", "fields_for", "json_document", "needs"]
+__all__ = ["BulkError", "bulk_values", "field_value", "fields_for", "json_document"]
 
 # RFC 3986 pchar minus "%" (a value's "%" is data and gets encoded).
 _SEGMENT_SAFE = "-._~!$&'()*+,;=:@"
@@ -57,31 +57,16 @@ def field_value(document: Any, name: str) -> str | None:
     return quote(text, safe=_SEGMENT_SAFE)
 
 
-def needs(templates: Iterable[str | None], source: str) -> bool:
-    """Whether any template uses a `{<source>.…}` variable."""
-    marker = "{" + source + "."
-    return any(t is not None and marker in t for t in templates)
-
-
-def fields_for(templates: Iterable[str | None], documents: dict[str, Any]) -> dict[str, str]:
-    """`{"body.postId": "1", ...}`: the values the templates' dotted
-    variables take in `documents` (`{"body": ..., "response": ...}`)."""
+def fields_for(names: Iterable[str], documents: dict[str, Any]) -> dict[str, str]:
+    """`{"body.postId": "1", ...}`: the values the dotted variable `names`
+    (`Route.body_names`) take in `documents` (`{"body": ..., "response": ...}`)."""
     out: dict[str, str] = {}
-    for template in templates:
-        if template is None:
-            continue
-        start = template.find("{")
-        while start != -1:
-            end = template.find("}", start)
-            if end == -1:
-                break
-            name = template[start + 1 : end].partition(":")[0]
-            source, dot, rest = name.partition(".")
-            if dot and source in documents and name not in out:
-                value = field_value(documents[source], rest)
-                if value is not None:
-                    out[name] = value
-            start = template.find("{", end)
+    for name in names:
+        source, _, rest = name.partition(".")
+        if source in documents:
+            value = field_value(documents[source], rest)
+            if value is not None:
+                out[name] = value
     return out
 
 

@@ -23,7 +23,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from etagproxy import headers as hdr
 from etagproxy.config import Bulk, Config, RouteConfig
 from etagproxy.etag import EntityTag, make_etag, parse_tag_list
 from etagproxy.derived import derive_token
-from etagproxy.bodyvars import BulkError, bulk_values, fields_for, json_document, needs
+from etagproxy.bodyvars import BulkError, bulk_values, fields_for, json_document
 from etagproxy.guard import ClientBodyError, arrived_body, client_chunks
 from etagproxy.httpdate import format_http_date
 from etagproxy.metrics import Metrics
@@ -532,12 +532,7 @@ class Proxy:
             if early is not None:
                 return early
 
-        drop = named if cfg.upstream_conditionals else (REQUEST_DROP_TRACKED | named)
-        if not cfg.upstream_conditionals and cond.range is not None and cond.if_range is not None:
-            # If-Range is evaluated here after the fact; without it the
-            # upstream must not answer a partial response.
-            drop = drop | {"range"}
-        headers = self._upstream_headers(request, ex, drop, keep_framing=True)
+        headers = self._read_headers(request, ex, cfg, cond, named)
         t0 = time.perf_counter()
         try:
             async with self._send(match, target, request.method, headers, self._client_body(request, ex)) as up:  # type: ignore[attr-defined]
@@ -599,6 +594,18 @@ class Proxy:
         except UpstreamError as exc:
             return self._upstream_failed(ex, exc)
 
+    def _read_headers(
+        self, request: web.BaseRequest, ex: Exchange, cfg: RouteConfig, cond: Conditionals,
+        named: frozenset[str],
+    ) -> CIMultiDict[str]:
+        """The request headers a read forwards."""
+        drop = named if cfg.upstream_conditionals else (REQUEST_DROP_TRACKED | named)
+        if not cfg.upstream_conditionals and cond.range is not None and cond.if_range is not None:
+            # If-Range is evaluated here after the fact; without it the
+            # upstream must not answer a partial response.
+            drop = drop | {"range"}
+        return self._upstream_headers(request, ex, drop, keep_framing=True)
+
     async def _answer_read(
         self, request: web.BaseRequest, ex: Exchange, up: object, out: CIMultiDict[str],
         cond: Conditionals, rep: Representation, body: bytes | None, more: bool,
@@ -642,10 +649,7 @@ class Proxy:
         assert source is not None
         cond = Conditionals.from_headers(request.headers)
         qpart = query_variant(target, match.route.key_query)
-        drop = named if cfg.upstream_conditionals else (REQUEST_DROP_TRACKED | named)
-        if not cfg.upstream_conditionals and cond.range is not None and cond.if_range is not None:
-            drop = drop | {"range"}
-        headers = self._upstream_headers(request, ex, drop, keep_framing=True)
+        headers = self._read_headers(request, ex, cfg, cond, named)
         t0 = time.perf_counter()
         try:
             async with self._send(match, target, request.method, headers, self._client_body(request, ex)) as up:  # type: ignore[attr-defined]
@@ -845,7 +849,7 @@ class Proxy:
                     # an old body).
                     self.spawn(self._release_unanswered(
                         match.key, owner, Outcome.UNKNOWN,
-                        [match.key, *members, *self.router.invalidation_keys(match, self._fields(cfg, body))],
+                        [match.key, *members, *self.router.invalidation_keys(match, self._fields(match, body))],
                     ))
             # BEGIN may have run even though its answer never came: give the
             # lease back (nothing was forwarded) rather than leave the key
@@ -905,8 +909,7 @@ class Proxy:
         """
         source = match.route.config.version
         assert source is not None
-        hop = hdr.connection_tokens(request.headers.getall("Connection", ()))
-        headers = self._upstream_headers(request, ex, REQUEST_DROP_TRACKED | AUTHORIZE_DROP | hop, keep_framing=False)
+        headers = self._probe_headers(request, ex)
         current: Version | None = None
         async with self._send(match, target, "GET", headers, None) as up:  # type: ignore[attr-defined]
             out = hdr.response_headers(up.raw_headers, drop=RESPONSE_DROP_TRACKED, via=self.config.via, rid=ex.rid)
@@ -928,14 +931,19 @@ class Proxy:
                 ex.upstream_status = up.status
                 return await self._relay(request, ex, up, out)
         ex.verified_at = time.perf_counter()
-        if evaluate_write(wcond, current):
-            return None
+        return None if evaluate_write(wcond, current) else self._write_refused(ex)
+
+    def _write_refused(
+        self, ex: Exchange, headers: Sequence[tuple[str, str]] = (), **extra: object
+    ) -> web.Response:
+        """412 for a write whose precondition failed; nothing was forwarded."""
         ex.decision = "precondition_failed"
         self.metrics.preconditions.labels(ex.route, "precondition_failed").inc()
         return problem(
             412, "precondition-failed",
             "The resource has changed since the version named in the precondition; "
             "the write was not applied. Re-read it and retry with the new ETag.",
+            headers=headers, **extra,
         )
 
     def _bulk_members(self, match: Match, bulk: Bulk, body: bytes) -> list[str]:
@@ -999,15 +1007,15 @@ class Proxy:
         return failure
 
     @staticmethod
-    def _fields(cfg: RouteConfig, body: bytes, response: bytes | None = None) -> dict[str, str]:
+    def _fields(match: Match, body: bytes, response: bytes | None = None) -> dict[str, str]:
         """Values of `{body.x}` / `{response.x}` in the route's templates."""
-        templates = (*cfg.invalidates, cfg.created)
+        route = match.route
         documents: dict[str, object] = {}
-        if needs(templates, "body"):
+        if route.reads_request:
             documents["body"] = json_document(body)
-        if response is not None and needs(templates, "response"):
+        if response is not None and route.reads_response:
             documents["response"] = json_document(response)
-        return fields_for(templates, documents) if documents else {}
+        return fields_for(route.body_names, documents) if documents else {}
 
     async def _release_unanswered(
         self, key: str, owner: str, outcome: Outcome = Outcome.REJECTED, mint: list[str] | None = None
@@ -1088,8 +1096,6 @@ class Proxy:
             if refused is not None:
                 return refused
             authorized = True
-        ex.decision = "precondition_failed"
-        self.metrics.preconditions.labels(ex.route, "precondition_failed").inc()
         extra: dict[str, object] = {}
         headers: list[tuple[str, str]] = []
         if (
@@ -1099,12 +1105,7 @@ class Proxy:
             tag = str(make_etag(current.token))
             headers.append(("ETag", tag))
             extra["current_etag"] = tag
-        return problem(
-            412, "precondition-failed",
-            "The resource has changed since the version named in the precondition; "
-            "the write was not applied. Re-read it and retry with the new ETag.",
-            headers=headers, **extra,
-        )
+        return self._write_refused(ex, headers, **extra)
 
     async def _reader_seen(self, ex: Exchange, key: str, request: web.BaseRequest) -> bool:
         """Whether these credentials got a 2xx on `key` lately: only they may
@@ -1116,6 +1117,12 @@ class Proxy:
         except StoreError:
             return False
         return bool(obs.reader_seen)  # type: ignore[attr-defined]
+
+    def _probe_headers(self, request: web.BaseRequest, ex: Exchange) -> CIMultiDict[str]:
+        """Headers of a GET/HEAD the proxy sends on the caller's behalf:
+        their credentials, nothing of the write's body or preconditions."""
+        named = hdr.connection_tokens(request.headers.getall("Connection", ()))
+        return self._upstream_headers(request, ex, REQUEST_DROP_TRACKED | AUTHORIZE_DROP | named, keep_framing=False)
 
     async def _authorize(
         self, request: web.BaseRequest, ex: Exchange, target: Target, match: Match
@@ -1129,9 +1136,7 @@ class Proxy:
         caller's credentials (GET when the upstream does not do HEAD); a
         non-2xx is relayed, None means go on with the 412.
         """
-        named = hdr.connection_tokens(request.headers.getall("Connection", ()))
-        drop = REQUEST_DROP_TRACKED | AUTHORIZE_DROP | named
-        headers = self._upstream_headers(request, ex, drop, keep_framing=False)
+        headers = self._probe_headers(request, ex)
         for method in ("HEAD", "GET"):
             async with self._send(match, target, method, headers, None) as up:  # type: ignore[attr-defined]
                 if method == "HEAD" and up.status in (405, 501):
@@ -1218,10 +1223,10 @@ class Proxy:
                 more = False
                 # The response's JSON names resources: the one a 201 created
                 # (`created`), related ones (`{response.x}` in invalidates).
-                named = needs(cfg.invalidates, "response") or (
+                names = match.route.reads_response or (
                     status == 201 and cfg.created is not None and "Location" not in up.headers  # type: ignore[attr-defined]
                 ) or (cfg.version is not None and cfg.version.needs_body)
-                if validated and (idem is not None or named) and request.method != "HEAD":
+                if validated and (idem is not None or names) and request.method != "HEAD":
                     try:
                         # Recorded for replay only if small; a larger body
                         # streams on unrecorded.
@@ -1238,7 +1243,7 @@ class Proxy:
                 ended = True
                 committed = await self._end(ex, match.key, owner, outcome, exists=exists)
                 ex.decision = ex.decision or outcome.value
-                fields = self._fields(cfg, body, None if more else resp_body)
+                fields = self._fields(match, body, None if more else resp_body)
                 if outcome is not Outcome.REJECTED:
                     # The write landed, or may have: so may what it invalidates.
                     await self._invalidate(ex, match, fields)
@@ -1279,7 +1284,7 @@ class Proxy:
                 ended = True
                 await self._end(ex, match.key, owner, Outcome.UNKNOWN if exc.sent else Outcome.REJECTED)
                 if exc.sent:
-                    await self._invalidate(ex, match, self._fields(cfg, body))
+                    await self._invalidate(ex, match, self._fields(match, body))
             return self._upstream_failed(ex, exc)
         finally:
             if not ended:

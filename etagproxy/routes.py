@@ -189,7 +189,10 @@ class Route:
     ``methods``, ``mode``, ``key_query`` and ``invalidates`` are read here.
     """
 
-    __slots__ = ("_regex", "compiled", "config", "index", "key_query", "template", "tracked")
+    __slots__ = (
+        "_regex", "body_names", "compiled", "config", "index", "key_query", "reads_request", "reads_response",
+        "template", "tracked",
+    )
 
     def __init__(self, template: str, config: Any, *, index: int) -> None:
         self.template = template
@@ -197,6 +200,14 @@ class Route:
         self.index = index
         self.compiled = compile_template(template)
         self.tracked: bool = config.mode == "track"
+        # `{body.x}` / `{response.x}` variables of invalidates and created,
+        # found once here rather than on every write.
+        templates = (*getattr(config, "invalidates", ()), getattr(config, "created", None))
+        self.body_names: tuple[str, ...] = tuple(dict.fromkeys(
+            name for t in templates if t is not None for name in compile_template(t).names if "." in name
+        ))
+        self.reads_request: bool = any(n.startswith("body.") for n in self.body_names)
+        self.reads_response: bool = any(n.startswith("response.") for n in self.body_names)
         # Compared with the canonical encoded names of the request's query,
         # so the configured names get the same spelling.
         self.key_query: frozenset[str] = frozenset(

@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from etagproxy.bodyvars import BulkError, bulk_values, field_value, fields_for, json_document, needs
+from etagproxy.bodyvars import BulkError, bulk_values, field_value, fields_for, json_document
+from etagproxy.config import RouteConfig
+from etagproxy.routes import Route
 
 
 def test_field_values_are_strings_or_whole_numbers_as_one_segment() -> None:
@@ -26,12 +28,19 @@ def test_no_value_escapes_its_segment(text: str) -> None:
 
 
 def test_fields_for_reads_only_the_sources_given() -> None:
-    templates = ["/posts/{body.postId}", "/sites/{response.site.id}/", "/x/{id}", None]
-    fields = fields_for(templates, {"body": {"postId": 1}, "response": {"site": {"id": "s"}}})
+    config = RouteConfig(
+        path="/x/{id}", invalidates=("/posts/{body.postId}", "/sites/{response.site.id}/", "/x/{id}"),
+    )
+    route = Route(config.path, config, index=0)
+    assert route.body_names == ("body.postId", "response.site.id")
+    assert route.reads_request and route.reads_response
+    names = route.body_names
+    fields = fields_for(names, {"body": {"postId": 1}, "response": {"site": {"id": "s"}}})
     assert fields == {"body.postId": "1", "response.site.id": "s"}
-    assert fields_for(templates, {"body": {"postId": 1}}) == {"body.postId": "1"}
-    assert fields_for(templates, {"body": None}) == {}
-    assert needs(templates, "body") and needs(templates, "response") and not needs(["/x/{id}"], "body")
+    assert fields_for(names, {"body": {"postId": 1}}) == {"body.postId": "1"}
+    assert fields_for(names, {"body": None}) == {}
+    plain = Route("/x/{id}", RouteConfig(path="/x/{id}", invalidates=("/x/{id}/",)), index=0)
+    assert not plain.reads_request and not plain.reads_response
 
 
 def test_json_document_is_none_for_anything_not_json() -> None:
