@@ -1213,7 +1213,7 @@ class _Builder:
         source = self.scalar(entries["from"][1], _join(path, "from"), _choice("token", "field", "header", "body"))
         if source is _INVALID:
             return _INVALID
-        allowed = {"token": (), "field": ("field",), "header": ("header",), "body": ()}[source]
+        allowed = {"token": (), "field": ("field",), "header": ("header", "upstream_if_match"), "body": ()}[source]
         for name, (key, _) in entries.items():
             if name != "from" and name not in allowed:
                 _unknown_key(self.problems, key, path, ("from", *allowed))
@@ -1229,7 +1229,14 @@ class _Builder:
             return _INVALID
         if source == "header":
             header = self.scalar(entries["header"][1], _join(path, "header"), _parse_header_name)
-            return _INVALID if header is _INVALID else VersionSource("header", header=header)
+            checks: object = False
+            if "upstream_if_match" in entries:
+                checks = self.scalar(
+                    entries["upstream_if_match"][1], _join(path, "upstream_if_match"), _parse_bool
+                )
+            if _INVALID in (header, checks):
+                return _INVALID
+            return VersionSource("header", header=header, upstream_if_match=bool(checks))
         fields = self.sequence(entries["field"][1], _join(path, "field"), "JSON field names", _parse_field_name)
         return _INVALID if fields is _INVALID else VersionSource("field", fields=fields)
 

@@ -41,6 +41,12 @@ class VersionSource:
     """For "field": the JSON fields tried in order (dotted for nested)."""
     header: str = ""
     """For "header": the response header's name."""
+    upstream_if_match: bool = False
+    """For "header": send the validator the verify read found on to the
+    upstream as If-Match with the write, for an upstream that checks it
+    itself under a lock (NetBox 4.6 does, weak tags included). The upstream
+    then refuses a write that a bypass edit outdated after the proxy's
+    check, which closes the window the check alone leaves open."""
 
     @property
     def needs_body(self) -> bool:

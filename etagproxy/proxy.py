@@ -165,6 +165,9 @@ class Exchange:
     """Keys of the members a bulk write leased besides its own."""
     verified_at: float = 0.0
     """When the upstream's version was read for a write (perf_counter)."""
+    upstream_validator: str | None = None
+    """The validator the verify read found, to send on as If-Match
+    (`version: {from: header, upstream_if_match: true}`)."""
 
 
 def credential_hash(headers: CIMultiDict[str] | object) -> str:
@@ -891,6 +894,9 @@ class Proxy:
             if refused is not None:
                 await self._end(ex, match.key, owner, Outcome.REJECTED)
                 return refused
+            if ex.upstream_validator is not None:
+                # The upstream re-checks the version under its own lock.
+                headers["If-Match"] = ex.upstream_validator
         return await self._forward_write(request, ex, target, match, headers, body, owner, cond)
 
     async def _verify(
@@ -924,6 +930,8 @@ class Proxy:
                         "precondition cannot be checked; the write was not forwarded.",
                     )
                 current = Version(token, 0)
+                if source.upstream_if_match:
+                    ex.upstream_validator = up.headers.get(source.header)
             elif up.status in (404, 410) and request.method != "DELETE":
                 current = None
             else:

@@ -10,6 +10,17 @@ upstream sees every write in the order it applies them, so counting stale
 writes here is a precise lost-update detector, independent of anything the
 proxy or the clients report.
 
+A second kind of writer bypasses whatever sits in front: `POST
+/counters/<id>` with `{"write": id}` increments the counter atomically
+(what a database job or a web UI saving under its own row lock does), so
+a bypass write never erases anything itself; what the detector then
+counts is which writes a stale write erased, bypass or not (`erased`).
+Every document carries `rev`, bumped by each applied write, the way an
+auto-updated `last_updated` column moves; `read_at` keeps, by the
+`X-Request-ID` of the read, when each read was answered, so the gap
+between a proxy's verify read and its write landing can be measured
+here, where the write is applied.
+
 Faults are injected per write from a plan cycled over all PUTs, so a run's
 fault counts are known exactly; `hold()` hands a single write to the test,
 which decides when it lands and when it is answered. The server knows which
@@ -30,7 +41,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-__all__ = ["APPLYING", "REDIRECTS", "Applied", "Fault", "FaultUpstream", "Hold", "StaleWrite", "running_upstream"]
+__all__ = ["APPLYING", "REDIRECTS", "Applied", "Erased", "Fault", "FaultUpstream", "Hold", "StaleWrite", "running_upstream"]
 
 PREFIX = "/counters/"
 
@@ -79,6 +90,18 @@ class Applied:
 
 
 @dataclass(frozen=True, slots=True)
+class Erased:
+    """An applied write whose increment a later stale write undid."""
+
+    key: str
+    write: str
+    by: str
+    """The stale write that erased it."""
+    bypass: bool
+    """Whether the erased write bypassed the proxy."""
+
+
+@dataclass(frozen=True, slots=True)
 class StaleWrite:
     """A write that did not set the counter to previous + 1: a lost update."""
 
@@ -109,17 +132,35 @@ class FaultUpstream:
     plan: Sequence[Fault] = (Fault.NONE,)
     """Cycled over every PUT in arrival order."""
     slow_s: float = 1.0
+    own_etags: bool = False
+    """Send a weak `ETag: W/"<rev>"` and check If-Match on PUT against it
+    (weakly, the way NetBox 4.6 does), atomically with applying the write."""
     url: str = ""
     values: dict[str, int] = field(default_factory=dict)
     applied: dict[str, Applied] = field(default_factory=dict)
     """Every applied write by its id, in the order applied."""
     received: set[str] = field(default_factory=set)
     """Ids of every write whose body arrived, applied or not."""
+    refused: set[str] = field(default_factory=set)
+    """Of `received`, the writes this API refused itself with 412 (`own_etags`)."""
     stale: list[StaleWrite] = field(default_factory=list)
+    erased: list[Erased] = field(default_factory=list)
+    bypass: set[str] = field(default_factory=set)
+    """Ids of the applied writes that came in by POST, bypassing the proxy."""
+    read_at: dict[str, float] = field(default_factory=dict)
+    """X-Request-ID of a read -> when it was answered (loop time)."""
+    applied_at: dict[str, float] = field(default_factory=dict)
+    """Write id -> when it was applied (loop time)."""
+    windows: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """For each PUT whose id named an earlier read (a proxy's verify read
+    carries the write's request id): (read answered, write applied)."""
+    revs: dict[str, int] = field(default_factory=dict)
     injected: Counter[Fault] = field(default_factory=Counter)
     reads: int = 0
     _puts: int = 0
     _holds: list[Hold] = field(default_factory=list)
+    _live: dict[str, list[str]] = field(default_factory=dict)
+    """Per key, the writes whose increments the value is made of, in order."""
 
     def hold(self, write: str, *, apply_on_receipt: bool) -> Hold:
         """Take the write with id `write` out of the plan and give it to the test."""
@@ -132,13 +173,27 @@ class FaultUpstream:
 
     def _apply(self, key: str, write: str, value: int) -> None:
         previous = self.values.get(key, 0)
+        live = self._live.setdefault(key, [])
         if value != previous + 1:
             self.stale.append(StaleWrite(key, write, value, previous))
+            # The increments that set values value..previous are gone.
+            for gone in live[max(value - 1, 0):]:
+                self.erased.append(Erased(key, gone, write, gone in self.bypass))
+            del live[max(value - 1, 0):]
+        live.append(write)
         self.values[key] = value
+        self.revs[key] = self.revs.get(key, 0) + 1
         self.applied[write] = Applied(key, write, value, previous)
+        now = asyncio.get_running_loop().time()
+        self.applied_at[write] = now
+        read = self.read_at.pop(write, None)
+        if read is not None:
+            self.windows[write] = (read, now)
 
     def _document(self, key: str) -> web.Response:
-        return web.json_response({"value": self.value(key)})
+        rev = self.revs.get(key, 0)
+        headers = {"ETag": f'W/"{rev}"'} if self.own_etags else None
+        return web.json_response({"value": self.value(key), "rev": rev}, headers=headers)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
@@ -147,9 +202,14 @@ class FaultUpstream:
         key = path[len(PREFIX):]
         if request.method in ("GET", "HEAD"):
             self.reads += 1
+            rid = request.headers.get("X-Request-ID")
+            if rid is not None:
+                self.read_at[rid] = asyncio.get_running_loop().time()
             return self._document(key)
+        if request.method == "POST":
+            return await self._bypass(request, key)
         if request.method != "PUT":
-            return web.Response(status=405, headers={"Allow": "GET, HEAD, PUT"})
+            return web.Response(status=405, headers={"Allow": "GET, HEAD, POST, PUT"})
         body = await request.read()
         try:
             doc = json.loads(body)
@@ -157,6 +217,11 @@ class FaultUpstream:
         except (ValueError, KeyError, TypeError):
             return web.Response(status=400, text="expected {\"value\": int, \"write\": str}")
         self.received.add(write)
+        if self.own_etags and "If-Match" in request.headers:
+            tags = [t.strip().removeprefix("W/") for t in request.headers["If-Match"].split(",")]
+            if f'"{self.revs.get(key, 0)}"' not in tags:
+                self.refused.add(write)
+                return web.Response(status=412, text="precondition failed")
         held = next((h for h in self._holds if h.write == write), None)
         if held is not None:
             return await self._held(held, key, write, value)
@@ -176,6 +241,16 @@ class FaultUpstream:
             return web.Response(status=REDIRECTS[fault], headers={"Location": PREFIX + key})
         if fault is Fault.SLOW_AFTER:
             await asyncio.sleep(self.slow_s)
+        return self._document(key)
+
+    async def _bypass(self, request: web.BaseRequest, key: str) -> web.StreamResponse:
+        try:
+            write = str(json.loads(await request.read())["write"])
+        except (ValueError, KeyError, TypeError):
+            return web.Response(status=400, text="expected {\"write\": str}")
+        self.received.add(write)
+        self.bypass.add(write)
+        self._apply(key, write, self.value(key) + 1)
         return self._document(key)
 
     async def _held(self, held: Hold, key: str, write: str, value: int) -> web.StreamResponse:

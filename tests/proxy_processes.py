@@ -39,12 +39,13 @@ def free_port() -> int:
 
 def counter_config(
     upstream: str, store: str, *, admin_port: int, upstream_timeout: str = "500ms",
-    write_wait: str = "2s",
+    write_wait: str = "2s", route_extra: str = "",
 ) -> str:
     """One tracked route over the counter API; writes need If-Match.
 
     Short deadlines keep fault runs quick: the lease is upstream + 2 * store
     + 1 s (proxy.Proxy.lease_ms), 1.9 s with the defaults here.
+    `route_extra`: more YAML lines of the route, indented by four.
     """
     return (
         "listen: 127.0.0.1:0\n"
@@ -56,6 +57,7 @@ def counter_config(
         "routes:\n"
         "  - path: /counters/{id}\n"
         "    require_if_match: true\n"
+        + route_extra
     )
 
 

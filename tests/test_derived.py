@@ -56,6 +56,11 @@ def _problems(route: str) -> str:
          "c.yaml:5: routes[0].short_circuit: expected short_circuit false on a route whose version comes from the upstream, got true"),
         ("    version: {from: header, header: 'bad name'}\n",
          "c.yaml:4: routes[0].version.header: expected a header name such as ETag, got 'bad name'"),
+        ("    version: {from: header, header: ETag, upstream_if_match: maybe}\n",
+         "c.yaml:4: routes[0].version.upstream_if_match: expected true or false, got 'maybe'"),
+        # Only the upstream's own validator can be sent back to it.
+        ("    version: {from: field, field: x, upstream_if_match: true}\n",
+         "c.yaml:4: routes[0].version.upstream_if_match: expected a known key (one of from, field), got an unknown key"),
     ],
 )
 def test_bad_version_settings_are_one_message(route: str, message: str) -> None:
@@ -65,8 +70,10 @@ def test_bad_version_settings_are_one_message(route: str, message: str) -> None:
 def test_version_settings_parse() -> None:
     config = parse_config(
         "upstream: http://127.0.0.1:1\nroutes:\n  - path: /a/{id}/\n    version: {from: field, field: [a.b, c]}\n"
-        "  - path: /b/\n    version: token\n",
+        "  - path: /b/\n    version: token\n"
+        "  - path: /c/{id}\n    version: {from: header, header: ETag, upstream_if_match: true}\n",
         filename="c.yaml",
     )
+    assert config.routes[2].version == VersionSource("header", header="ETag", upstream_if_match=True)
     assert config.routes[0].version == VersionSource("field", fields=("a.b", "c"))
     assert config.routes[1].version is None

@@ -476,6 +476,9 @@ routes:
     version: {from: field, field: last_updated}
   - path: /legacy/sites/{id}
     version: {from: header, header: ETag}
+  - path: /checked/sites/{id}
+    require_if_match: true
+    version: {from: header, header: ETag, upstream_if_match: true}
 """
 
 
@@ -553,6 +556,38 @@ async def test_version_from_the_upstreams_weak_etag(versioned: Client) -> None:
     assert status == 412
     _, _, body = await versioned.call("GET", path, via=versioned.direct)
     assert json.loads(body)["value"] == 2
+
+
+async def test_an_upstream_that_checks_if_match_itself_gets_its_own_tag(versioned: Client) -> None:
+    """#14, a NetBox-4.6-style view (weak last_updated tags, If-Match
+    checked under a row lock): the proxy hands out strong tags derived from
+    the upstream's, evaluates the client's If-Match itself, and sends the
+    upstream's own tag on with the write, so the upstream re-checks it in
+    the same transaction that applies the write."""
+    site = await versioned.create_site("checked", value=1)
+    path = f"/checked/sites/{site['id']}"
+    _, direct, _ = await versioned.call("GET", path, via=versioned.direct)
+    _, headers, _ = await versioned.call("GET", path)
+    tag = headers["ETag"]
+    assert not tag.startswith("W/") and tag != direct["ETag"]
+    # The upstream's weak tag never passes a strong comparison (§13.1.1).
+    status, _, _ = await versioned.call("PATCH", path, json_body={"value": 2}, headers={"If-Match": direct["ETag"]})
+    assert status == 412
+    status, headers, body = await versioned.call("PATCH", path, json_body={"value": 2}, headers={"If-Match": tag})
+    assert status == 200, body
+    assert headers["X-Checked-If-Match"] == direct["ETag"]
+    written = headers["ETag"]
+    assert written != tag and not written.startswith("W/")
+    status, _, _ = await versioned.call("GET", path, headers={"If-None-Match": written})
+    assert status == 304
+    # A colleague's direct edit outdates the tag; the proxy's own check refuses.
+    status, _, _ = await versioned.call("PATCH", path, json_body={"value": 9}, via=versioned.direct)
+    assert status == 200
+    status, headers, _ = await versioned.call("DELETE", path, headers={"If-Match": written})
+    assert status == 412
+    assert headers["Content-Type"] == "application/problem+json" and "X-Checked-If-Match" not in headers
+    _, _, body = await versioned.call("GET", path, via=versioned.direct)
+    assert json.loads(body)["value"] == 9
 
 
 async def test_a_verified_write_on_a_deleted_resource(versioned: Client) -> None:

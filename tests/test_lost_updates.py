@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from etagproxy.store.redis import redis_key
-from tests.counter_clients import Ack, Ledger, audit, increment_until, read_counter, write_counter
+from tests.counter_clients import Ack, Ledger, audit, bypass_until, increment_until, read_counter, write_counter
 from tests.fault_upstream import Applied, Fault, FaultUpstream, running_upstream
 from tests.proxy_fixtures import ProxyHandle
 from tests.proxy_processes import REPO, ProxyProcess, counter_config, free_port, metric, start_proxy
@@ -249,6 +249,118 @@ async def test_redirects_answering_writes_lose_no_update_in_memory(
         async with workload(ledger, [proxy.url]):
             await ledger.wait_until(_enough_redirects(up, ledger), timeout=30)
     _redirects_lost_nothing(up, ledger)
+
+
+# -- writers that bypass the proxy ---------------------------------------------------
+
+MODES = {
+    "token": "",
+    "version": "    version: {from: field, field: rev}\n",
+    "checked": "    version: {from: header, header: ETag, upstream_if_match: true}\n",
+}
+"""Proxy-minted tokens; versions from a field; the upstream's own weak tag,
+sent back to it as If-Match so that it re-checks under its lock."""
+BYPASS_WRITERS = 2
+
+
+@dataclass
+class BypassRun:
+    mode: str
+    result: Any
+    up: FaultUpstream
+    ledger: Ledger
+    window_metric: tuple[float, float]
+    """(count, sum in seconds) of etagproxy_verify_window_seconds."""
+
+    def row(self) -> str:
+        r = self.result
+        windows = sorted(b - a for a, b in self.up.windows.values())
+        shown = (
+            f"verify windows={len(windows)} p50={windows[len(windows) // 2] * 1e3:.2f}ms"
+            f" max={windows[-1] * 1e3:.2f}ms" if windows else "verify windows=0"
+        )
+        return (
+            f"{self.mode:>7}: proxied acked={r.acknowledged} lost={r.stale - len(self._erasers_of_bypass_only())}"
+            f" bypass writes={r.bypass_applied} erased bypass writes={r.erased_bypass}"
+            f" 412={r.outcomes.get('412', 0)} (refused by the upstream={len(self.up.refused)}) {shown}"
+        )
+
+    def _erasers_of_bypass_only(self) -> set[str]:
+        proxied = {e.by for e in self.up.erased if not e.bypass}
+        return {e.by for e in self.up.erased if e.by not in proxied}
+
+
+async def _bypass_run(mode: str, redis: RedisServer, proxies: StartProxies) -> BypassRun:
+    """Proxied incrementing clients under the fault plan, and writers that
+    go straight to the upstream, on the same keys."""
+    ledger = Ledger()
+    async with running_upstream(FaultUpstream(plan=PLAN, slow_s=0.8, own_etags=mode == "checked")) as up:
+        procs = await proxies(up.url, redis.url, 2, route_extra=MODES[mode])
+        stop = asyncio.Event()
+        bypass = [
+            asyncio.ensure_future(bypass_until(stop, up.url, uniform(KEYS), name=f"bypass{i}", seed=100 + i))
+            for i in range(BYPASS_WRITERS)
+        ]
+        try:
+            async with workload(ledger, [p.url for p in procs]):
+                await ledger.wait_until(
+                    lambda: ledger.acked() >= 300 and len(up.bypass) >= 300
+                    and all(up.injected[f] >= 2 for f in FAULTS),
+                    timeout=40,
+                )
+        finally:
+            stop.set()
+            await asyncio.gather(*bypass)
+        samples = [s for p in procs for s in await p.metrics()]
+    window = (
+        metric(samples, "etagproxy_verify_window_seconds_count"),
+        metric(samples, "etagproxy_verify_window_seconds_sum"),
+    )
+    return BypassRun(mode, audit(up, ledger, chain=mode != "token"), up, ledger, window)
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+async def test_writes_bypassing_the_proxy_are_erased_by_tokens_and_not_by_derived_versions(
+    redis_server: RedisServer, proxies: StartProxies
+):
+    """A second writer increments the counters straight at the upstream,
+    the way a web UI or a batch job edits what the API serves. Proxied
+    writes never erase one another in either mode (the lease serialises
+    them). With proxy-minted tokens (the default) a bypass write leaves the
+    tag unchanged, so a client's write computed before it passes If-Match
+    and erases it. With `version: {from: field}` the bypass write moves the
+    tag, and the proxy checks the upstream's version under the lease before
+    forwarding: a bypass write can be erased only if it lands between that
+    check and the write being applied, which this test verifies for every
+    erased one."""
+    runs = [await _bypass_run(mode, redis_server, proxies) for mode in MODES]
+    for run in runs:
+        print(run.row(), run.result.summary())
+    token, version, checked = runs
+    for run in runs:
+        assert run.result.problems == [], run.mode
+        # Proxied writes lost: stale writes that erased a proxied increment.
+        assert not [e for e in run.up.erased if not e.bypass], run.mode
+        assert run.result.landed_unacknowledged == sum(run.up.injected[f] for f in LANDING)
+    # The default mode erases bypass writes: this is the hole the modes close.
+    assert token.result.erased_bypass > 0
+    assert token.up.windows == {} and token.window_metric[0] == 0
+    # Derived versions: every conditional write was checked against the
+    # upstream first, and nothing but the window between check and apply is
+    # left; every bypass write erased landed inside one.
+    for run in (version, checked):
+        assert len(run.up.windows) >= run.result.acknowledged
+        assert run.window_metric[0] >= run.result.acknowledged
+        assert run.ledger.outcomes["412"] > token.ledger.outcomes["412"]
+    assert version.result.erased_bypass < token.result.erased_bypass
+    for e in version.up.erased:
+        read, applied = version.up.windows[e.by]
+        assert read <= version.up.applied_at[e.write] <= applied, e
+    # With the upstream re-checking the validator under its lock, a bypass
+    # write inside the window gets the proxied write refused instead.
+    assert checked.result.erased_bypass == 0
+    assert checked.up.refused
 
 
 # -- Redis faults ------------------------------------------------------------------
