@@ -22,9 +22,10 @@ from collections.abc import Callable
 from aiohttp import web
 
 from etagproxy.config import Config, ConfigError, load_config
+from etagproxy.exchange import Exchange
 from etagproxy.guard import GuardedServer
 from etagproxy.metrics import CONTENT_TYPE, Metrics
-from etagproxy.proxy import Exchange, Proxy
+from etagproxy.proxy import Proxy
 from etagproxy.routes import Router
 from etagproxy.store import open_store
 from etagproxy.store.base import StoreError, VersionStore
@@ -74,7 +75,8 @@ class ProxyServer:
         # Framing checks, header-read timeout, connection and in-flight
         # limits run before a request reaches Proxy.handle (guard.py).
         server = GuardedServer(
-            self.proxy,
+            self.proxy.handle,
+            guard=self.proxy.guard(),
             handler_cancellation=False,
             access_log=None,
             keepalive_timeout=cfg.timeouts.keepalive,
@@ -171,8 +173,7 @@ class ProxyServer:
         if self.proxy is not None:
             # Each request reads `router` once when it matches; requests in
             # flight finish with the route they matched.
-            self.proxy.config = self.config
-            self.proxy.router = router
+            self.proxy.use_routes(self.config, router)
         log.info(
             "routes reloaded from %s: %d routes", new.source, len(new.routes),
             extra={"fields": {"routes": len(new.routes)}},

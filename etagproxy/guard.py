@@ -1,6 +1,6 @@
 """Hostile input at the connection: framing, abuse limits, slow clients.
 
-Everything here runs before a request reaches `Proxy.handle`, at the
+Everything here runs before a request reaches its handler (`Proxy.handle`), at the
 protocol level, so a refused request never touches the store or the upstream
 and the connection it came on is closed behind the refusal.
 
@@ -40,7 +40,7 @@ Where each defence lives, and why there:
   ``timeouts.header_read`` of its first byte (or of the connection opening);
   aiohttp has no such limit of its own, only the keep-alive timer. Past it
   the client gets 408 and the connection is closed. Bodies are the proxy's
-  business (`Proxy._read_body` bounds the whole body of a write by
+  business (`Forwarding.read_body` bounds the whole body of a write by
   ``timeouts.body_read``; streamed bodies are bounded per gap).
 
 - Limits: ``limits.max_connections`` open connections per process; a
@@ -60,7 +60,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http import HttpVersion10, HttpVersion11
@@ -71,10 +71,6 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from etagproxy import headers as hdr
 from etagproxy.problems import CONTENT_TYPE, problem, problem_body
-from etagproxy.target import TargetError, canonicalize
-
-if TYPE_CHECKING:
-    from etagproxy.proxy import Proxy
 
 __all__ = [
     "ClientBodyError",
@@ -112,7 +108,6 @@ _VERSIONS = frozenset({(1, 0), (1, 1)})
 # answer rather than a reset (RFC 9112 §9.6). Its default, 10 s, is a free
 # hold on a connection for a client that keeps trickling.
 LINGER = 2.0
-_LOG_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 # What reading a request body raises when the client breaks its framing.
 _PAYLOAD_ERRORS = (RequestPayloadError, HttpProcessingError)
 
@@ -372,17 +367,6 @@ class Guard:
         self.refused = 0
         self.header_timeouts = 0
 
-    @classmethod
-    def for_proxy(cls, proxy: Proxy) -> Guard:
-        cfg = proxy.config
-        return cls(
-            header_read=cfg.timeouts.header_read,
-            max_connections=cfg.limits.max_connections,
-            max_in_flight=cfg.limits.max_in_flight,
-            upgrade_allowed=_route_allows_upgrade(proxy),
-            on_refusal=_record_refusal(proxy),
-        )
-
     def check(self, msg: RawRequestMessage) -> Refusal | None:
         return check_request(
             msg.method, msg.path, (msg.version.major, msg.version.minor), msg.raw_headers,
@@ -433,40 +417,6 @@ def _awaiting_continue(request: web.BaseRequest) -> bool:
         and request.content.total_bytes == 0
         and not request.content.is_eof()
     )
-
-
-def _route_allows_upgrade(proxy: Proxy) -> Callable[[str, str, str | None], bool]:
-    """Looks the route up at request time: routes can be reloaded."""
-
-    def allowed(method: str, target: str, host: str | None) -> bool:
-        if not any(r.allow_upgrade for r in proxy.config.routes):
-            return False
-        try:
-            canonical = canonicalize(target, host=host)
-        except TargetError:
-            return False
-        match = proxy.router.match(method, canonical)
-        return match is not None and match.route.config.allow_upgrade
-
-    return allowed
-
-
-def _record_refusal(proxy: Proxy) -> Callable[[web.BaseRequest, Refusal], None]:
-    """Refusals show in the access log and request metrics like any answer."""
-    from etagproxy.proxy import Exchange
-
-    def record(request: web.BaseRequest, refusal: Refusal) -> None:
-        # An attacker chooses the method: never let it become a label value.
-        method = request.method if request.method in _LOG_METHODS else "OTHER"
-        ex = Exchange(hdr.new_request_id(), method)
-        ex.status = refusal.status
-        ex.error = refusal.kind
-        ex.decision = "refused"
-        proxy.metrics.requests.labels("-", method, str(refusal.status)).inc()
-        if proxy.on_exchange is not None:
-            proxy.on_exchange(ex)
-
-    return record
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -640,17 +590,22 @@ def _reason(exc: HttpProcessingError) -> str:
 class GuardedServer(web.Server):
     """`web.Server` whose connections are `GuardedRequestHandler`s.
 
-    Takes the `Proxy` (not just its handler) so the guard can log refusals
-    and look routes up for `allow_upgrade`; other keyword arguments go to
-    aiohttp's `RequestHandler` as with `web.Server`.
+    `handler` is the request handler the guard wraps; `guard` holds the
+    limits and the callbacks that log refusals and look routes up for
+    `allow_upgrade`. Other keyword arguments go to aiohttp's
+    `RequestHandler` as with `web.Server`.
     """
 
-    def __init__(self, proxy: Proxy, *, guard: Guard | None = None, **kwargs: Any) -> None:
-        self.guard = guard or Guard.for_proxy(proxy)
+    def __init__(
+        self,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        *,
+        guard: Guard,
+        **kwargs: Any,
+    ) -> None:
+        self.guard = guard
         kwargs.setdefault("lingering_time", LINGER)
-        super().__init__(
-            self.guard.wrap(proxy.handle), request_factory=self._guarded_request, **kwargs
-        )
+        super().__init__(self.guard.wrap(handler), request_factory=self._guarded_request, **kwargs)
 
     def __call__(self) -> RequestHandler:
         return GuardedRequestHandler(self, guard=self.guard, loop=self._loop, **self._kwargs)

@@ -27,7 +27,7 @@ from json.encoder import encode_basestring_ascii as _q
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from etagproxy.proxy import Exchange
+    from etagproxy.exchange import Exchange
 
 FORMATS = ("json", "text")
 

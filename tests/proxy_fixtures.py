@@ -13,7 +13,7 @@ from aiohttp import web
 
 from etagproxy.app import ProxyServer
 from etagproxy.config import parse_config
-from etagproxy.proxy import Exchange
+from etagproxy.exchange import Exchange
 
 __all__ = ["Recorded", "RecordingUpstream", "recording_upstream", "make_proxy", "ProxyHandle"]
 

@@ -44,7 +44,7 @@ def counter_config(
     """One tracked route over the counter API; writes need If-Match.
 
     Short deadlines keep fault runs quick: the lease is upstream + 2 * store
-    + 1 s (proxy.Proxy.lease_ms), 1.9 s with the defaults here.
+    + 1 s (writes.lease_ms), 1.9 s with the defaults here.
     `route_extra`: more YAML lines of the route, indented by four.
     """
     return (

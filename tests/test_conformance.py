@@ -34,7 +34,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from etagproxy.app import ProxyServer
 from etagproxy.config import parse_config, parse_store_url
 from etagproxy.etag import EntityTag, parse_etag
-from etagproxy.proxy import Exchange, credential_hash
+from etagproxy.exchange import Exchange, credential_hash
 from etagproxy.store.base import VersionStore
 from etagproxy.store.memory import MemoryStore
 from tests.proxy_fixtures import RecordingUpstream

@@ -469,7 +469,7 @@ async def test_redis_restored_from_an_older_snapshot_rejects_a_pre_snapshot_etag
 
 # -- a proxy paused past its lease, and the residual risk ---------------------------
 
-LEASE_S = 0.5 + 2 * 0.2 + 1.0  # proxy.Proxy.lease_ms for counter_config()'s timeouts
+LEASE_S = 0.5 + 2 * 0.2 + 1.0  # writes.lease_ms for counter_config()'s timeouts
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from etagproxy import logs
 from etagproxy.app import ProxyServer
 from etagproxy.config import parse_config
 from etagproxy.logs import AccessLog
-from etagproxy.proxy import Exchange
+from etagproxy.exchange import Exchange
 from etagproxy.store.base import StoreError
 from etagproxy.store.memory import MemoryStore
 from tests.proxy_fixtures import RecordingUpstream

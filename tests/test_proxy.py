@@ -494,14 +494,14 @@ async def test_several_vary_lines_all_count_for_the_representation_tag(make_prox
 
 def test_the_lease_outlasts_the_upstream_deadline_and_the_replica_wait():
     from etagproxy.config import parse_config
-    from etagproxy.proxy import Proxy
+    from etagproxy.writes import lease_ms
 
     plain = parse_config("upstream: http://127.0.0.1:1\ntimeouts: {upstream: 5s, store: 200ms}\n")
     replicated = parse_config(
         "upstream: http://127.0.0.1:1\ntimeouts: {upstream: 5s, store: 200ms}\n"
         "store: {url: 'redis://127.0.0.1:1/0', min_replicas: 1, min_replicas_timeout: 3s}\n"
     )
-    lease = Proxy(plain, None, None, None, None).lease_ms  # type: ignore[arg-type]
+    lease = lease_ms(plain)
     assert lease > 5000 + 2 * 200
-    lease_wait = Proxy(replicated, None, None, None, None).lease_ms  # type: ignore[arg-type]
+    lease_wait = lease_ms(replicated)
     assert lease_wait >= lease + 3000

@@ -1,0 +1,54 @@
+"""What one request did (`Exchange`), and who asked (`credential_hash`).
+
+Filled in as a request goes down its path; the access log and the request
+metrics read it when the answer is out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+from multidict import CIMultiDict
+
+__all__ = ["Exchange", "credential_hash"]
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request did; feeds the access log and metrics."""
+
+    rid: str
+    method: str
+    start: float = field(default_factory=time.perf_counter)
+    route: str = "-"
+    key: str = ""
+    status: int = 0
+    upstream_status: int | None = None
+    decision: str = ""
+    store_ms: float = 0.0
+    upstream_ms: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error: str = ""
+    creds: str | None = None
+    """credential_hash of the request, computed at most once."""
+    members: tuple[str, ...] = ()
+    """Keys of the members a bulk write leased besides its own."""
+    verified_at: float = 0.0
+    """When the upstream's version was read for a write (perf_counter)."""
+    upstream_validator: str | None = None
+    """The validator the verify read found, to send on as If-Match
+    (`version: {from: header, upstream_if_match: true}`)."""
+
+
+def credential_hash(headers: CIMultiDict[str] | object) -> str:
+    """Who is asking, as far as the upstream's authorisation can tell."""
+    get = headers.getall  # type: ignore[attr-defined]
+    h = hashlib.blake2b(digest_size=16, person=b"etagproxy-cred")
+    for value in get("Authorization", ()):
+        h.update(b"a" + value.encode("latin-1", "replace") + b"\0")
+    for value in get("Cookie", ()):
+        h.update(b"c" + value.encode("latin-1", "replace") + b"\0")
+    return h.hexdigest()
