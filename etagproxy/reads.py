@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import OrderedDict
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -23,20 +22,21 @@ from multidict import CIMultiDict
 from etagproxy import headers as hdr
 from etagproxy.config import RouteConfig
 from etagproxy.derived import derive_token
-from etagproxy.etag import EntityTag, make_etag, parse_tag_list
+from etagproxy.etag import make_etag
 from etagproxy.exchange import Exchange
 from etagproxy.forwarding import REQUEST_DROP_TRACKED, RESPONSE_DROP_TRACKED, Forwarding
 from etagproxy.httpdate import format_http_date
 from etagproxy.preconditions import Conditionals, Decision, Representation, evaluate
 from etagproxy.problems import problem
 from etagproxy.routes import Match
+from etagproxy.shaping import not_modified
+from etagproxy.shortcircuit import ShortCircuit
 from etagproxy.store.base import Cause, Observation, StoreError, Version
 from etagproxy.target import Target
 from etagproxy.upstream import UpstreamError
-from etagproxy.variants import NOT_MODIFIED_FIELDS, Selected, query_variant, representation_variant
+from etagproxy.variants import Selected, query_variant, representation_variant
 
 DRAIN_LIMIT = 1 << 16  # bodies up to this size are read to keep a connection
-SELECTED_MAX = 10_000
 
 
 class Reads:
@@ -44,7 +44,7 @@ class Reads:
 
     def __init__(self, io: Forwarding) -> None:
         self.io = io
-        self.selected: OrderedDict[tuple[str, str], Selected] = OrderedDict()
+        self.short_circuit = ShortCircuit(io.config.via)
 
     async def read(
         self, request: web.BaseRequest, ex: Exchange, target: Target, match: Match,
@@ -67,8 +67,9 @@ class Reads:
             self.io.minted(obs.minted)
         qpart = query_variant(target, match.route.key_query)
         if obs is not None and cfg.short_circuit and not obs.pending and cond.if_none_match:
-            early = self._short_circuit(request, ex, cfg, cond, obs, qpart, reader)
+            early = self.short_circuit.answer(request.headers, ex, cfg, cond, obs, qpart)
             if early is not None:
+                self.io.metrics.preconditions.labels(ex.route, "not_modified").inc()
                 return early
 
         headers = self._read_headers(request, ex, cfg, cond, named)
@@ -123,7 +124,7 @@ class Reads:
                     self.io.spawn(self.io.record_reader(match.key, reader, cfg))
                 tag = make_etag(version.token, variant)
                 if cfg.short_circuit:
-                    self._remember(ex.key, tag, Selected.of(qpart, request.headers, out))
+                    self.short_circuit.remember(ex.key, tag, Selected.of(qpart, request.headers, out))
                 # A computed representation changes at times the version
                 # does not record, so it gets no date to be compared with.
                 last_modified = version.minted_ms // 1000 if cfg.last_modified and not cfg.computed else None
@@ -160,7 +161,7 @@ class Reads:
         if decision is Decision.NOT_MODIFIED and tag is not None:
             ex.decision = "not_modified"
             self.io.metrics.preconditions.labels(ex.route, "not_modified").inc()
-            return self._not_modified(ex, tag, out, None)
+            return not_modified(ex.rid, self.io.config.via, tag, out)
         if decision is Decision.PRECONDITION_FAILED:
             ex.decision = "precondition_failed"
             self.io.metrics.preconditions.labels(ex.route, "precondition_failed").inc()
@@ -214,52 +215,6 @@ class Reads:
                 )
         except UpstreamError as exc:
             return self.io.upstream_failed(ex, exc)
-
-    def _short_circuit(
-        self, request: web.BaseRequest, ex: Exchange, cfg: RouteConfig, cond: Conditionals,
-        obs: Observation, qpart: str, reader: str | None,
-    ) -> web.StreamResponse | None:
-        """Answer 304 from the store when it is safe to skip the upstream."""
-        if not (cfg.public or obs.reader_seen):
-            return None
-        if cond.if_match is not None or cond.if_unmodified_since is not None:
-            return None
-        tags = parse_tag_list(cond.if_none_match)
-        if tags is None or tags.any or tags.malformed:
-            return None
-        token = obs.version.token
-        for tag in tags.tags:
-            # The version must be current, and this request must select the
-            # representation the tag was given to (weak comparison, §13.1.2).
-            seen = self.selected.get((ex.key, tag.opaque)) if tag.token == token else None
-            if seen is None or not seen.selects(qpart, request.headers):
-                continue
-            ex.decision = "short_circuit"
-            self.io.metrics.preconditions.labels(ex.route, "not_modified").inc()
-            headers: CIMultiDict[str] = CIMultiDict(seen.fields)
-            headers["Via"] = f"1.1 {self.io.config.via}"
-            headers["X-Request-ID"] = ex.rid
-            return self._not_modified(ex, EntityTag(tag.opaque), headers, obs.version)
-        return None
-
-    def _remember(self, key: str, tag: EntityTag, selected: Selected) -> None:
-        """Keep how `tag` was selected, for `_short_circuit` (bounded, LRU)."""
-        self.selected[(key, tag.opaque)] = selected
-        self.selected.move_to_end((key, tag.opaque))
-        if len(self.selected) > SELECTED_MAX:
-            self.selected.popitem(last=False)
-
-    def _not_modified(
-        self, ex: Exchange, tag: EntityTag, upstream_headers: CIMultiDict[str], version: Version | None
-    ) -> web.Response:
-        resp = web.Response(status=304)
-        for name in NOT_MODIFIED_FIELDS:
-            for value in upstream_headers.getall(name, ()):
-                resp.headers.add(name, value)
-        resp.headers["ETag"] = str(tag)
-        resp.headers["Via"] = upstream_headers.get("Via", f"1.1 {self.io.config.via}")
-        resp.headers["X-Request-ID"] = ex.rid
-        return resp
 
     async def _fingerprint(
         self, ex: Exchange, match: Match, up: object, version: Version
