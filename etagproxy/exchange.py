@@ -21,6 +21,12 @@ class Exchange:
 
     rid: str
     method: str
+    target: str = ""
+    """The request target as received (path and query)."""
+    client: str = ""
+    """The peer's address."""
+    agent: str = ""
+    """The User-Agent."""
     start: float = field(default_factory=time.perf_counter)
     route: str = "-"
     key: str = ""

@@ -54,13 +54,15 @@ def json_line(ex: Exchange, pid: int) -> str:
     or key can never break the line.
     """
     up = ex.upstream_status
+    level = "error" if ex.status >= 500 else "info"
     line = (
-        f'{{"time":"{_timestamp()}","request_id":{_q(ex.rid)},"method":{_q(ex.method)},'
-        f'"route":{_q(ex.route)},"key":{_q(ex.key)},"status":{ex.status},'
+        f'{{"time":"{_timestamp()}","level":"{level}","request_id":{_q(ex.rid)},"method":{_q(ex.method)},'
+        f'"path":{_q(ex.target)},"route":{_q(ex.route)},"key":{_q(ex.key)},"status":{ex.status},'
         f'"upstream_status":{"null" if up is None else up},"decision":{_q(ex.decision)},'
         f'"store_ms":{ex.store_ms:.3f},"upstream_ms":{ex.upstream_ms:.3f},'
         f'"ms":{(time.perf_counter() - ex.start) * 1000:.3f},'
-        f'"bytes_in":{ex.bytes_in},"bytes_out":{ex.bytes_out},"pid":{pid}'
+        f'"bytes_in":{ex.bytes_in},"bytes_out":{ex.bytes_out},"client":{_q(ex.client)},'
+        f'"user_agent":{_q(ex.agent)},"pid":{pid}'
     )
     if ex.error:
         return f'{line},"error":{_q(ex.error)}}}\n'
@@ -72,7 +74,8 @@ def text_line(ex: Exchange, pid: int) -> str:
     up = "-" if ex.upstream_status is None else ex.upstream_status
     total = (time.perf_counter() - ex.start) * 1000
     line = (
-        f"{_timestamp()} [{pid}] {ex.rid} {ex.method} {ex.route} key={ex.key or '-'} {ex.status}"
+        f"{_timestamp()} [{pid}] {ex.rid} {ex.client or '-'} {ex.method} {ex.target or '-'}"
+        f" route={ex.route} key={ex.key or '-'} {ex.status}"
         f" upstream={up} decision={ex.decision or '-'} store={ex.store_ms:.1f}ms"
         f" upstream_time={ex.upstream_ms:.1f}ms total={total:.1f}ms"
         f" in={ex.bytes_in} out={ex.bytes_out}"

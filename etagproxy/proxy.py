@@ -113,7 +113,8 @@ class Proxy:
     def _record_refusal(self, request: web.BaseRequest, refusal: Refusal) -> None:
         """Refusals show in the access log and request metrics like any answer."""
         method = request.method if request.method in REFUSAL_METHODS else "OTHER"
-        ex = Exchange(hdr.new_request_id(), method)
+        ex = Exchange(hdr.new_request_id(), method, request.raw_path, request.remote or "",
+                      request.headers.get("User-Agent", ""))
         ex.status = refusal.status
         ex.error = refusal.kind
         ex.decision = "refused"
@@ -128,7 +129,10 @@ class Proxy:
         self.io.router = router
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        ex = Exchange(hdr.request_id(request.headers.get("X-Request-ID")), request.method)
+        ex = Exchange(
+            hdr.request_id(request.headers.get("X-Request-ID")), request.method, request.raw_path,
+            request.remote or "", request.headers.get("User-Agent", ""),
+        )
         self.io.metrics.in_flight.inc()
         try:
             resp = await self._dispatch(request, ex)
@@ -148,6 +152,10 @@ class Proxy:
         ex.status = resp.status
         if not resp.prepared:
             resp.headers["X-Request-ID"] = ex.rid
+            if isinstance(resp, web.Response) and isinstance(resp.body, bytes) and request.method != "HEAD":
+                # The proxy's own answer (a problem, a 304): relayed bodies
+                # are counted as they go out.
+                ex.bytes_out = len(resp.body)
         method = ex.method if ex.method in METRIC_METHODS else "OTHER"
         self.io.labelled(self.io.metrics.requests, ex.route, method, resp.status).inc()
         if self.on_exchange is not None:

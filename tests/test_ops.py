@@ -470,7 +470,8 @@ async def test_access_log_writes_one_json_line_per_request(recording_upstream):
                 body = await r.read()
             async with s.put(base + "/api/items/1/", data=b"xyz", headers={"If-Match": '"old"'}) as r:
                 rid_412 = r.headers["X-Request-ID"]
-            async with s.get(base + "/static/app.js") as r:
+                problem_body = await r.read()
+            async with s.get(base + "/static/app.js?v=1", headers={"User-Agent": "probe/1.0"}) as r:
                 await r.read()
         # No flush call: the idle timer writes the lines.
         lines = await _read_lines(r_fd, 3)
@@ -491,10 +492,16 @@ async def test_access_log_writes_one_json_line_per_request(recording_upstream):
     assert put["request_id"] == rid_412
     assert (put["status"], put["upstream_status"], put["decision"]) == (412, None, "precondition_failed")
     assert put["upstream_ms"] == 0 and put["store_ms"] > 0 and put["bytes_in"] == 3
+    # The proxy's own answer counts too (it used to log 0).
+    assert put["bytes_out"] == len(problem_body) > 0
+    assert (get["level"], put["level"]) == ("info", "info")
+    assert (get["client"], static["client"]) == ("127.0.0.1", "127.0.0.1")
+    assert get["user_agent"].startswith("Python/") and static["user_agent"] == "probe/1.0"
+    assert (get["path"], static["path"]) == ("/api/items/1/", "/static/app.js?v=1")
     assert (static["route"], static["key"], static["store_ms"]) == ("/static/{rest:path}", "", 0)
     expected = {
         "time", "request_id", "method", "route", "key", "status", "upstream_status", "decision",
-        "store_ms", "upstream_ms", "ms", "bytes_in", "bytes_out", "pid",
+        "store_ms", "upstream_ms", "ms", "bytes_in", "bytes_out", "pid", "level", "path", "client", "user_agent",
     }
     assert set(get) == expected
 
@@ -504,9 +511,10 @@ def test_access_log_lines_escape_and_text_format_reads_well():
     record = json.loads(logs.json_line(ex, 7))
     assert (record["request_id"], record["key"], record["error"]) == ('a"b', '/x/"\\\n/', "upstream-unreachable")
     assert record["upstream_status"] is None
+    assert record["level"] == "error"
     text = logs.text_line(Exchange("r1", "PUT", route="/x/{id}/", key="/x/1/", status=412), 7)
     assert text.endswith("\n") and text.count("\n") == 1
-    assert " [7] r1 PUT /x/{id}/ key=/x/1/ 412 upstream=- " in text
+    assert " [7] r1 - PUT - route=/x/{id}/ key=/x/1/ 412 upstream=- " in text
 
 
 async def test_access_log_never_splits_a_line_across_pipe_writes(monkeypatch):
@@ -572,7 +580,7 @@ async def test_text_log_format_is_for_people(processes, tmp_path, recording_upst
     assert await proxy.finish() == 0
     assert not any(line.startswith("{") for line in proxy.err + proxy.out)
     access, = proxy.out
-    assert " GET /api/items/{id}/ key=/api/items/5/ 200 upstream=200 " in access
+    assert " 127.0.0.1 GET /api/items/5/ route=/api/items/{id}/ key=/api/items/5/ 200 upstream=200 " in access
 
 
 async def test_sighup_reloads_routes_and_keeps_them_when_the_file_is_bad(processes, tmp_path, recording_upstream):
