@@ -18,8 +18,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY etagproxy ./etagproxy
-# `speed` adds uvloop; the proxy uses it when it is installed.
-RUN pip wheel --wheel-dir /wheels ".[speed]"
+# uvloop is a default dependency; the proxy uses it when it is installed.
+RUN pip wheel --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
