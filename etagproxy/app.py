@@ -68,6 +68,7 @@ class ProxyServer:
     async def start(self) -> None:
         cfg = self.config
         self.store = self._given_store or open_store(cfg.store, timeout_s=cfg.timeouts.store)
+        await self._check_store()
         self.upstream = Upstream(connect_timeout=cfg.timeouts.connect)
         self.proxy = Proxy(
             cfg, Router(cfg.routes), self.store, self.upstream, self.metrics, self._access_log
@@ -97,6 +98,49 @@ class ProxyServer:
         self.port = _bound_port(site)
         if cfg.admin_listen is not None:
             await self._start_admin(*cfg.admin_listen)
+
+    async def _check_store(self) -> None:
+        """Say at start what the store's server settings mean for safety.
+
+        Redis older than 7.0 cannot run the scripts (they carry script
+        flags): an error, and every store call will fail closed (503).
+        `maxmemory-policy allkeys-*` can evict the lease of a write in
+        flight (a key without a TTL), and a second write to the resource
+        could then start beside it: a warning and the gauge
+        etagproxy_store_eviction_unsafe. `volatile-*` evicts only keys with a
+        TTL (committed versions, reader and replay records; an evicted
+        version is re-minted, so no old tag validates), and `noeviction`
+        refuses new versions when full (503 store-full). A store that does
+        not answer yet is not checked."""
+        assert self.store is not None
+        try:
+            async with asyncio.timeout(max(self.config.timeouts.store, 0.05) * 5):
+                settings = await self.store.server_settings()
+        except (StoreError, TimeoutError):
+            return
+        version = settings.get("redis_version")
+        if version is not None and _major(version) < 7:
+            log.error(
+                "store runs Redis %s; etagproxy needs Redis 7.0 or later (script flags), "
+                "so every request that needs the store will fail", version,
+                extra={"fields": {"redis_version": version}},
+            )
+        policy = settings.get("maxmemory_policy")
+        if policy is None:
+            return
+        unsafe = policy.startswith("allkeys-")
+        self.metrics.store_eviction_unsafe.set(1 if unsafe else 0)
+        if unsafe:
+            log.warning(
+                "store maxmemory-policy %s can evict the lease of a write in flight and let a second "
+                "write to the same resource start; set volatile-lru, volatile-lfu, volatile-ttl or noeviction",
+                policy, extra={"fields": {"maxmemory_policy": policy}},
+            )
+        elif policy == "noeviction":
+            log.info(
+                "store maxmemory-policy noeviction: a full store refuses new versions (503 store-full)",
+                extra={"fields": {"maxmemory_policy": policy}},
+            )
 
     # -- admin endpoints -------------------------------------------------------
 
@@ -229,3 +273,8 @@ def _bound_port(site: web.TCPSite) -> int:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             return int(sock.getsockname()[1])
     raise RuntimeError("listener has no TCP socket")
+
+
+def _major(version: str) -> int:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0

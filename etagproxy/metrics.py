@@ -160,6 +160,12 @@ class Metrics:
             "Writes whose lease ran out before END (no ETag was sent).",
             registry=r,
         )
+        self.store_eviction_unsafe = Gauge(
+            "etagproxy_store_eviction_unsafe",
+            "1 when the store's maxmemory-policy (allkeys-*) can evict a write's lease.",
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.in_flight = Gauge(
             "etagproxy_in_flight_requests",
             "Requests being handled right now.",

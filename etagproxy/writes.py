@@ -131,7 +131,8 @@ class Writes:
             begun = await self.io.timed_store(
                 ex, "begin", self.io.store.begin(match.key, stored, owner, self.lease_ms, self.wait_ms)
             )
-        except StoreError:
+        except StoreError as exc:
+            ex.error = exc.kind
             if cfg.on_store_error == "fail_open":
                 ex.decision = "store_unavailable_open"
                 try:
@@ -150,6 +151,13 @@ class Writes:
             # locked until its deadline.
             self.io.spawn(self._release_unanswered(match.key, owner))
             ex.decision = "store_unavailable"
+            if exc.kind == "store-full":
+                return problem(
+                    503, "store-full",
+                    "The version store is full and refuses new writes, so this write was not "
+                    "forwarded. Retry later; the operator must give the store more memory.",
+                    headers=(("Retry-After", "1"),),
+                )
             return problem(
                 503, "store-unavailable",
                 "The version store is unavailable, so the write was not forwarded. Retry later.",

@@ -23,7 +23,15 @@ from etagproxy.randomness import random_bytes
 
 
 class StoreError(Exception):
-    """The store did not answer in time or at all; callers fail closed (503)."""
+    """The store did not answer in time or at all; callers fail closed (503).
+
+    `kind` says which, for the log: store-timeout, store-unreachable,
+    store-full (Redis at maxmemory with noeviction refuses writes) or
+    store-error."""
+
+    def __init__(self, message: str, kind: str = "store-error") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def new_token() -> str:
@@ -261,6 +269,12 @@ class VersionStore(Protocol):
 
     async def ping(self) -> None:
         """Raise StoreError unless the store answers."""
+        ...
+
+    async def server_settings(self) -> dict[str, str]:
+        """What the server says of itself that the proxy checks at start:
+        `redis_version` and `maxmemory_policy` where known (empty for the
+        memory store)."""
         ...
 
     async def close(self) -> None: ...

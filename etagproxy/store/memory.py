@@ -263,6 +263,9 @@ class MemoryStore:
     async def ping(self) -> None:
         return None
 
+    async def server_settings(self) -> dict[str, str]:
+        return {}
+
     async def close(self) -> None:
         for entry in self._entries.values():
             if entry.released is not None:

@@ -28,12 +28,12 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from etagproxy.store.resp import ReplyError, RespClient, RespError
 from etagproxy.store.base import (
     BeginResult,
     BeginStatus,
@@ -48,6 +48,7 @@ from etagproxy.store.base import (
     WriteCondition,
     new_token,
 )
+from etagproxy.store.resp import ReplyError, RespClient, RespError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -65,15 +66,28 @@ def _lua(name: str) -> str:
     return resources.files(__package__).joinpath("lua", name).read_text("utf-8")
 
 
+# Script flags (Redis 7.0+, the first line of a script) decide what a full
+# store does at maxmemory under `noeviction`. Without flags Redis checks
+# memory only at a script's first write command, and DEL or PERSIST first
+# (as `commit` does) would let a script grow a full store without bound.
+# - GROWS: refused whole when the store is full (OOM -> StoreError
+#   "store-full" -> 503): BEGIN, OBSERVE and PUT_REPLAY add keys.
+# - SETTLES: allowed when full: they change keys that exist, in place, and
+#   a write in flight must be able to end and an invalidation to land, or
+#   a stale tag could validate.
+# - READS: writes nothing; runs anywhere.
+GROWS = "#!lua\n"
+SETTLES = "#!lua flags=allow-oom\n"
+READS = "#!lua flags=no-writes,allow-oom\n"
 _PRELUDE = _lua("prelude.lua")
-OBSERVE = _PRELUDE + _lua("observe.lua")
-BEGIN = _PRELUDE + _lua("begin.lua")
-END = _PRELUDE + _lua("end.lua")
-INVALIDATE = _PRELUDE + _lua("invalidate.lua")
-FINGERPRINT = _PRELUDE + _lua("fingerprint.lua")
-CONFIRM = _PRELUDE + _lua("confirm.lua")
-PUT_REPLAY = _lua("put_replay.lua")
-INSPECT = _PRELUDE + _lua("inspect.lua")
+OBSERVE = GROWS + _PRELUDE + _lua("observe.lua")
+BEGIN = GROWS + _PRELUDE + _lua("begin.lua")
+END = SETTLES + _PRELUDE + _lua("end.lua")
+INVALIDATE = SETTLES + _PRELUDE + _lua("invalidate.lua")
+FINGERPRINT = SETTLES + _PRELUDE + _lua("fingerprint.lua")
+CONFIRM = SETTLES + _PRELUDE + _lua("confirm.lua")
+PUT_REPLAY = GROWS + _lua("put_replay.lua")
+INSPECT = READS + _PRELUDE + _lua("inspect.lua")
 
 # Waiting behind another write: poll BEGIN with exponential backoff. END in
 # this process wakes local waiters at once; waiters in other processes notice
@@ -306,19 +320,22 @@ class RedisStore:
     def _store_error(self, op: str, exc: Exception, extra_s: float = 0.0) -> StoreError:
         if isinstance(exc, TimeoutError):
             ms = round((self._timeout_s + extra_s) * 1000)
-            return StoreError(f"redis {op}: no answer within {ms} ms")
+            return StoreError(f"redis {op}: no answer within {ms} ms", "store-timeout")
         if isinstance(exc, RespError):
-            return StoreError(f"redis {op}: unreachable: {exc}")
+            return StoreError(f"redis {op}: unreachable: {exc}", "store-unreachable")
         if isinstance(exc, ReplyError):
-            return StoreError(f"redis {op}: {exc}")
+            return StoreError(f"redis {op}: {exc}", _reply_kind(str(exc)))
         if self._client is not None:
             from redis.exceptions import ConnectionError as RedisConnectionError
-            from redis.exceptions import RedisClusterException, RedisError
+            from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisError
 
             if isinstance(exc, RedisConnectionError):
-                return StoreError(f"redis {op}: unreachable: {exc}")
+                return StoreError(f"redis {op}: unreachable: {exc}", "store-unreachable")
+            if isinstance(exc, OutOfMemoryError):
+                # redis-py strips the "OOM" code from the message.
+                return StoreError(f"redis {op}: OOM {exc}", "store-full")
             if isinstance(exc, (RedisError, RedisClusterException)):
-                return StoreError(f"redis {op}: {exc}")
+                return StoreError(f"redis {op}: {exc}", _reply_kind(str(exc)))
         # A client-internal failure (races like the one in `_guard`) or a
         # reply of the wrong shape: the store did not answer usably either
         # way, and callers fail closed on StoreError.
@@ -541,6 +558,45 @@ class RedisStore:
         async with self._guard("ping"):
             await self._client.ping()  # type: ignore[union-attr]
 
+    async def server_settings(self) -> dict[str, str]:
+        """`redis_version` (INFO server) and `maxmemory_policy` (CONFIG GET,
+        absent where CONFIG is renamed or refused, as on managed services).
+        A cluster answers per node: the first node that says, with an
+        `allkeys-*` policy of any node winning."""
+        settings: dict[str, str] = {}
+        if self._lean is not None:
+            info = await self._answer("info", self._lean.execute("INFO", "server"))
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            found = re.search(r"^redis_version:(\S+)", text, re.M)
+            if found:
+                settings["redis_version"] = found.group(1)
+            try:
+                reply = await self._answer("config", self._lean.execute("CONFIG", "GET", "maxmemory-policy"))
+            except StoreError as exc:
+                if exc.kind in ("store-timeout", "store-unreachable"):
+                    raise
+                return settings
+            values = [v.decode() if isinstance(v, bytes) else str(v) for v in reply]
+            if len(values) >= 2:
+                settings["maxmemory_policy"] = values[1]
+            return settings
+        async with self._guard("info"):
+            info = await self._client.info("server")  # type: ignore[union-attr]
+        versions = _per_node(info, "redis_version")
+        if versions:
+            settings["redis_version"] = min(versions, key=_release)
+        try:
+            async with self._guard("config"):
+                found = await self._client.config_get("maxmemory-policy")  # type: ignore[union-attr]
+        except StoreError as exc:
+            if exc.kind in ("store-timeout", "store-unreachable"):
+                raise
+            return settings
+        policies = _per_node(found, "maxmemory-policy")
+        if policies:
+            settings["maxmemory_policy"] = sorted(policies, key=lambda v: not v.startswith("allkeys-"))[0]
+        return settings
+
     async def close(self) -> None:
         if self._lean is not None:
             await self._lean.close()
@@ -548,6 +604,26 @@ class RedisStore:
             await self._client.aclose()
         for client in self._closing:
             await client.aclose()
+
+
+def _per_node(reply: Any, name: str) -> list[str]:
+    """`name` from a redis-py INFO or CONFIG GET reply: one mapping, or (a
+    cluster) a mapping of node to mapping."""
+    if not isinstance(reply, dict):
+        return []
+    if name in reply:
+        return [str(reply[name])]
+    return [str(v[name]) for v in reply.values() if isinstance(v, dict) and name in v]
+
+
+def _release(text: str) -> tuple[int, ...]:
+    """"7.0.15" -> (7, 0, 15); parts that are not numbers count as 0."""
+    return tuple(int(p) if p.isdigit() else 0 for p in text.split("."))
+
+
+def _reply_kind(message: str) -> str:
+    """StoreError.kind of an error reply."""
+    return "store-full" if message.startswith("OOM") or "OOM command not allowed" in message else "store-error"
 
 
 def _redis_py_client(cfg: StoreConfig, timeout_s: float) -> tuple[RedisClient, list[Redis]]:

@@ -47,7 +47,6 @@ from collections.abc import Sequence
 
 import hiredis
 
-
 _RUN_ID = re.compile(rb"run_id:([0-9a-f]+)")
 
 
