@@ -38,7 +38,7 @@ The package, each module saying what it owns and what it may not use::
     templates.py     path templates as settings
     yamlsource.py    YAML into located values (_Node), problems in file order
     check.py         generic shapes: scalar, list, mapping, section
-    build_routes.py  defaults: and routes: into RouteConfigs
+    build_routes.py  defaults: and routes:; the table of route settings
     build.py         the top level, store:, timeouts:, limits:
     env.py           ETAGPROXY_* overrides
     dump.py          the effective configuration as JSON values

@@ -1,5 +1,11 @@
 """Route entries: `defaults:` and the `routes:` list checked into
-`RouteConfig`s.
+`RouteConfig`s, and the table saying how each route key is read.
+
+Adding a route setting is one `RouteConfig` field (schema.py) plus one
+`_ROUTE_SETTINGS` entry here: the key's reader (usually `_one(parser)`) and
+whether it only means something on a tracked route. Unknown-key hints,
+`defaults:` merging, file:line messages and the passthrough check follow
+from the table; only rules between several keys are code (`route`).
 
 Knows nothing of the top-level keys, the store or the environment; uses
 `schema`, `scalars`, `addresses`, `templates`, `yamlsource` and `check`.
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from etagproxy.config.addresses import _parse_upstream
@@ -35,60 +42,176 @@ from etagproxy.config.templates import (
 from etagproxy.config.yamlsource import _INVALID, _Invalid, _join, _Node
 from etagproxy.derived import VersionSource
 
-# Route keys that only mean something when the route tracks versions; setting
-# one on a passthrough route is almost certainly a mistake about the mode.
-_TRACK_ONLY: Final = frozenset(
-    {
-        "key_query",
-        "created",
-        "bulk",
-        "plain_types",
-        "computed",
-        "version",
-        "require_if_match",
-        "invalidates",
-        "short_circuit",
-        "short_circuit_ttl",
-        "fingerprint",
-        "last_modified",
-        "etag_on_write",
-        "replay_ttl",
-        "upstream_conditionals",
-        "on_store_error",
-        "etag_in_412",
-        "public",
-        "authorize",
-    }
-)
-_SCALAR_ROUTE_PARSERS: Final[dict[str, Callable[[object], Any]]] = {
-    "path": _parse_route_path,
-    "mode": _choice("track", "passthrough"),
-    "require_if_match": _parse_bool,
-    "short_circuit": _parse_bool,
-    "short_circuit_ttl": _duration(),
-    "fingerprint": _parse_bool,
-    "last_modified": _parse_bool,
-    "etag_on_write": _parse_bool,
-    "replay_ttl": _duration(),
-    "upstream_conditionals": _parse_bool,
-    "on_store_error": _choice("fail_closed", "fail_open"),
-    "etag_in_412": _parse_bool,
-    "public": _parse_bool,
-    "allow_upgrade": _parse_bool,
-    "authorize": _choice("none", "upstream"),
-    "created": _parse_template,
-    "computed": _parse_bool,
-}
-_ROUTE_KEYS: Final = tuple(f.name for f in dataclasses.fields(RouteConfig) if f.name != "line")
-assert set(_ROUTE_KEYS) == {
-    *_SCALAR_ROUTE_PARSERS, "methods", "upstream", "key_query", "invalidates", "bulk", "plain_types", "version"
-}
+_Read = Callable[[_Checker, _Node, str], Any]
+"""Reads one route key's value at `path`: the value, or `_INVALID` (reported)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Setting:
+    """How one route key is read, and where it is allowed."""
+
+    read: _Read
+    track_only: bool = True
+    """Only means something when the route tracks versions; setting it on a
+    passthrough route is almost certainly a mistake about the mode."""
+
+
+def _one(parse: Callable[[object], Any]) -> _Read:
+    """One scalar; null is checked like any other value."""
+
+    def read(checker: _Checker, node: _Node, path: str) -> Any:
+        return checker.scalar(node, path, parse)
+
+    return read
+
+
+def _optional(parse: Callable[[object], Any]) -> _Read:
+    """One scalar, or null for None (not set)."""
+
+    def read(checker: _Checker, node: _Node, path: str) -> Any:
+        return None if node.value is None else checker.scalar(node, path, parse)
+
+    return read
+
+
+def _each(what: str, parse: Callable[[object], Any]) -> _Read:
+    """A tuple of scalars (a single scalar counts as a list of one); null is ()."""
+
+    def read(checker: _Checker, node: _Node, path: str) -> Any:
+        return () if node.value is None else checker.sequence(node, path, what, parse)
+
+    return read
+
+
+def _or_empty(read_value: _Read) -> _Read:
+    """`read_value`, except that null gives ()."""
+
+    def read(checker: _Checker, node: _Node, path: str) -> Any:
+        return () if node.value is None else read_value(checker, node, path)
+
+    return read
+
+
+def _read_methods(checker: _Checker, node: _Node, path: str) -> frozenset[str] | None | _Invalid:
+    if node.value is None:
+        return None
+    methods = checker.sequence(node, path, "method names", _parse_method)
+    if methods == ():
+        expected = "at least one method (leave methods out for all)"
+        checker.problems.add(node, path, expected, "an empty list")
+        return _INVALID
+    return methods if methods is _INVALID else frozenset(methods)
+
+
+def _read_version(checker: _Checker, node: _Node, path: str) -> VersionSource | None | _Invalid:
+    expected = "token, or a mapping with from: field, header or body"
+    if node.value == "token":
+        return None
+    entries = checker.mapping(node, path) if isinstance(node.value, dict) else None
+    if entries is None:
+        checker.problems.add(node, path, expected)
+        return _INVALID
+    if "from" not in entries:
+        checker.problems.add(node, _join(path, "from"), "field, header or body (the key is required)", "nothing")
+        return _INVALID
+    source = checker.scalar(entries["from"][1], _join(path, "from"), _choice("token", "field", "header", "body"))
+    if source is _INVALID:
+        return _INVALID
+    allowed = {"token": (), "field": ("field",), "header": ("header", "upstream_if_match"), "body": ()}[source]
+    for name, (key, _) in entries.items():
+        if name != "from" and name not in allowed:
+            _unknown_key(checker.problems, key, path, ("from", *allowed))
+            return _INVALID
+    if source == "token":
+        return None
+    if source == "body":
+        return VersionSource("body")
+    name = allowed[0]
+    if name not in entries:
+        example = "last_updated" if name == "field" else "ETag"
+        checker.problems.add(node, _join(path, name), f"a value such as {example} (the key is required)", "nothing")
+        return _INVALID
+    if source == "header":
+        header = checker.scalar(entries["header"][1], _join(path, "header"), _parse_header_name)
+        checks: object = False
+        if "upstream_if_match" in entries:
+            checks = checker.scalar(
+                entries["upstream_if_match"][1], _join(path, "upstream_if_match"), _parse_bool
+            )
+        if _INVALID in (header, checks):
+            return _INVALID
+        return VersionSource("header", header=header, upstream_if_match=bool(checks))
+    fields = checker.sequence(entries["field"][1], _join(path, "field"), "JSON field names", _parse_field_name)
+    return _INVALID if fields is _INVALID else VersionSource("field", fields=fields)
+
+
 _BULK_PARSERS: Final[dict[str, Callable[[object], Any]]] = {
     "field": _parse_field_name,
     "member": _parse_route_path,
     "max_members": _parse_member_count,
 }
 
+
+def _read_bulk(checker: _Checker, node: _Node, path: str) -> Bulk | _Invalid:
+    entries = checker.mapping(node, path)
+    if entries is None:
+        return _INVALID
+    values: dict[str, Any] = {}
+    for name, (key, value) in entries.items():
+        if name not in _BULK_PARSERS:
+            _unknown_key(checker.problems, key, path, tuple(_BULK_PARSERS))
+            return _INVALID
+        values[name] = checker.scalar(value, _join(path, name), _BULK_PARSERS[name])
+    if _INVALID in values.values():
+        return _INVALID
+    for required, example in (("field", "id"), ("member", "/api/sites/{id}/")):
+        if required not in values:
+            expected = f"a value such as {example} (the key is required)"
+            checker.problems.add(node, _join(path, required), expected, "nothing")
+            return _INVALID
+    member = values["member"]
+    if len(_template_names(member)) != 1:
+        checker.problems.add(
+            entries["member"][1], _join(path, "member"),
+            "a member template with exactly one variable, filled by the field",
+        )
+        return _INVALID
+    return Bulk(**values)
+
+
+# One entry per RouteConfig field (but line), in the same order.
+_ROUTE_SETTINGS: Final[dict[str, _Setting]] = {
+    "path": _Setting(_one(_parse_route_path), track_only=False),
+    "methods": _Setting(_read_methods, track_only=False),
+    "upstream": _Setting(_optional(_parse_upstream), track_only=False),
+    "mode": _Setting(_one(_choice("track", "passthrough")), track_only=False),
+    "key_query": _Setting(_each("query parameter names", _parse_query_name)),
+    "require_if_match": _Setting(_one(_parse_bool)),
+    "invalidates": _Setting(_each("path templates", _parse_template)),
+    "created": _Setting(_one(_parse_template)),
+    "bulk": _Setting(_or_empty(_read_bulk)),
+    "plain_types": _Setting(_each("media types", _parse_media_type)),
+    "version": _Setting(_or_empty(_read_version)),
+    "computed": _Setting(_one(_parse_bool)),
+    "short_circuit": _Setting(_one(_parse_bool)),
+    "short_circuit_ttl": _Setting(_one(_duration())),
+    "fingerprint": _Setting(_one(_parse_bool)),
+    "last_modified": _Setting(_one(_parse_bool)),
+    "etag_on_write": _Setting(_one(_parse_bool)),
+    "replay_ttl": _Setting(_one(_duration())),
+    "upstream_conditionals": _Setting(_one(_parse_bool)),
+    "on_store_error": _Setting(_one(_choice("fail_closed", "fail_open"))),
+    "etag_in_412": _Setting(_one(_parse_bool)),
+    "public": _Setting(_one(_parse_bool)),
+    "allow_upgrade": _Setting(_one(_parse_bool), track_only=False),
+    "authorize": _Setting(_one(_choice("none", "upstream"))),
+}
+_ROUTE_KEYS: Final = tuple(f.name for f in dataclasses.fields(RouteConfig) if f.name != "line")
+if set(_ROUTE_KEYS) != set(_ROUTE_SETTINGS):
+    raise AssertionError(
+        "RouteConfig fields and _ROUTE_SETTINGS differ: "
+        + ", ".join(sorted(set(_ROUTE_KEYS) ^ set(_ROUTE_SETTINGS)))
+    )
 
 _RouteIdentity = tuple[str, "frozenset[str] | None"]
 
@@ -97,98 +220,7 @@ class _RouteBuilder(_Checker):
     """Checks `defaults:` and `routes:` and builds the `RouteConfig`s."""
 
     def route_value(self, name: str, node: _Node, path: str) -> Any:
-        if name in _SCALAR_ROUTE_PARSERS:
-            return self.scalar(node, path, _SCALAR_ROUTE_PARSERS[name])
-        if name == "upstream":
-            return None if node.value is None else self.scalar(node, path, _parse_upstream)
-        if name == "methods":
-            if node.value is None:
-                return None
-            methods = self.sequence(node, path, "method names", _parse_method)
-            if methods == ():
-                expected = "at least one method (leave methods out for all)"
-                self.problems.add(node, path, expected, "an empty list")
-                return _INVALID
-            return methods if methods is _INVALID else frozenset(methods)
-        if node.value is None:
-            return ()
-        if name == "key_query":
-            return self.sequence(node, path, "query parameter names", _parse_query_name)
-        if name == "invalidates":
-            return self.sequence(node, path, "path templates", _parse_template)
-        if name == "plain_types":
-            return self.sequence(node, path, "media types", _parse_media_type)
-        if name == "bulk":
-            return self.bulk(node, path)
-        if name == "version":
-            return self.version(node, path)
-        raise AssertionError(name)
-
-    def version(self, node: _Node, path: str) -> VersionSource | None | _Invalid:
-        expected = "token, or a mapping with from: field, header or body"
-        if node.value == "token":
-            return None
-        entries = self.mapping(node, path) if isinstance(node.value, dict) else None
-        if entries is None:
-            self.problems.add(node, path, expected)
-            return _INVALID
-        if "from" not in entries:
-            self.problems.add(node, _join(path, "from"), "field, header or body (the key is required)", "nothing")
-            return _INVALID
-        source = self.scalar(entries["from"][1], _join(path, "from"), _choice("token", "field", "header", "body"))
-        if source is _INVALID:
-            return _INVALID
-        allowed = {"token": (), "field": ("field",), "header": ("header", "upstream_if_match"), "body": ()}[source]
-        for name, (key, _) in entries.items():
-            if name != "from" and name not in allowed:
-                _unknown_key(self.problems, key, path, ("from", *allowed))
-                return _INVALID
-        if source == "token":
-            return None
-        if source == "body":
-            return VersionSource("body")
-        name = allowed[0]
-        if name not in entries:
-            example = "last_updated" if name == "field" else "ETag"
-            self.problems.add(node, _join(path, name), f"a value such as {example} (the key is required)", "nothing")
-            return _INVALID
-        if source == "header":
-            header = self.scalar(entries["header"][1], _join(path, "header"), _parse_header_name)
-            checks: object = False
-            if "upstream_if_match" in entries:
-                checks = self.scalar(
-                    entries["upstream_if_match"][1], _join(path, "upstream_if_match"), _parse_bool
-                )
-            if _INVALID in (header, checks):
-                return _INVALID
-            return VersionSource("header", header=header, upstream_if_match=bool(checks))
-        fields = self.sequence(entries["field"][1], _join(path, "field"), "JSON field names", _parse_field_name)
-        return _INVALID if fields is _INVALID else VersionSource("field", fields=fields)
-
-    def bulk(self, node: _Node, path: str) -> Bulk | _Invalid:
-        entries = self.mapping(node, path)
-        if entries is None:
-            return _INVALID
-        values: dict[str, Any] = {}
-        for name, (key, value) in entries.items():
-            if name not in _BULK_PARSERS:
-                _unknown_key(self.problems, key, path, tuple(_BULK_PARSERS))
-                return _INVALID
-            values[name] = self.scalar(value, _join(path, name), _BULK_PARSERS[name])
-        if _INVALID in values.values():
-            return _INVALID
-        for required, example in (("field", "id"), ("member", "/api/sites/{id}/")):
-            if required not in values:
-                self.problems.add(node, _join(path, required), f"a value such as {example} (the key is required)", "nothing")
-                return _INVALID
-        member = values["member"]
-        if len(_template_names(member)) != 1:
-            self.problems.add(
-                entries["member"][1], _join(path, "member"),
-                "a member template with exactly one variable, filled by the field",
-            )
-            return _INVALID
-        return Bulk(**values)
+        return _ROUTE_SETTINGS[name].read(self, node, path)
 
     def defaults(self, node: _Node | None) -> dict[str, tuple[Any, _Node]]:
         """`defaults:` checked once, so a bad default is reported once, not per route."""
@@ -273,7 +305,7 @@ class _RouteBuilder(_Checker):
         mode = merged["mode"][0] if "mode" in merged else "track"
         if mode == "passthrough":
             for name in own:
-                if name in _TRACK_ONLY:
+                if _ROUTE_SETTINGS[name].track_only:
                     self.problems.add(
                         own[name][1],
                         _join(path, name),
