@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,17 +23,11 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["ProxyProcess", "Sample", "counter_config", "free_port", "metric", "start_proxy"]
+__all__ = ["ProxyProcess", "Sample", "counter_config", "metric", "start_proxy"]
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 20.0
 _LISTENING = re.compile(r"listening on \S*?:(\d+)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def counter_config(
