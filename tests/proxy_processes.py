@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
+from tests.metrics import Sample, scrape
 
-__all__ = ["ProxyProcess", "Sample", "counter_config", "metric", "start_proxy"]
+__all__ = ["ProxyProcess", "counter_config", "start_proxy"]
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 20.0
@@ -51,21 +50,6 @@ def counter_config(
         "  - path: /counters/{id}\n"
         "    require_if_match: true\n"
         + route_extra
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    name: str
-    labels: dict[str, str]
-    value: float
-
-
-def metric(samples: list[Sample], name: str, **labels: str) -> float:
-    """The sum of `name`'s samples whose labels include `labels`."""
-    return sum(
-        s.value for s in samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
 
 
@@ -108,15 +92,7 @@ class ProxyProcess:
 
     async def metrics(self) -> list[Sample]:
         """The samples of the admin endpoint's Prometheus exposition."""
-        async with aiohttp.ClientSession() as session:
-            async with session.get(self.admin_url + "/metrics") as resp:
-                assert resp.status == 200
-                text = await resp.text()
-        return [
-            Sample(s.name, dict(s.labels), s.value)
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        ]
+        return (await scrape(self.admin_url))[1]
 
     async def _read(self, stream: asyncio.StreamReader, into: list[str]) -> None:
         while line := await stream.readline():

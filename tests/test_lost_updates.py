@@ -26,7 +26,8 @@ from tests.counter_clients import Ack, Ledger, audit, bypass_until, increment_un
 from tests.fault_upstream import Applied, Fault, FaultUpstream, running_upstream
 from tests.proxy_fixtures import ProxyHandle
 from tests.ports import free_port
-from tests.proxy_processes import REPO, ProxyProcess, counter_config, metric, start_proxy
+from tests.metrics import metric
+from tests.proxy_processes import REPO, ProxyProcess, counter_config, start_proxy
 from tests.redis_fixtures import RedisServer
 
 CLIENTS = 16

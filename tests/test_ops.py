@@ -23,7 +23,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from etagproxy import logs
 from etagproxy.app import ProxyServer
@@ -32,6 +31,7 @@ from etagproxy.logs import AccessLog
 from etagproxy.exchange import Exchange
 from etagproxy.store.base import StoreError
 from etagproxy.store.memory import MemoryStore
+from tests.metrics import scrape, value
 from tests.proxy_fixtures import RecordingUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,9 +51,6 @@ ADMIN = "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nupstream: {upstream}\n"
 # -- helpers -------------------------------------------------------------------
 
 
-Samples = list[tuple[str, dict[str, str], float]]
-
-
 async def logged(exchanges: list[Exchange], count: int, timeout: float = 5) -> None:
     """Until `count` requests finished in the handler (they are logged
     after their metrics are counted; a client can get a streamed response
@@ -62,27 +59,6 @@ async def logged(exchanges: list[Exchange], count: int, timeout: float = 5) -> N
     while len(exchanges) < count:
         assert time.monotonic() < deadline, f"{len(exchanges)} of {count} requests finished"
         await asyncio.sleep(0.001)
-
-
-async def scrape(admin_url: str) -> tuple[str, Samples]:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(admin_url + "/metrics") as r:
-            assert r.status == 200
-            text = await r.text()
-            content_type = r.headers["Content-Type"]
-    samples = [
-        (sample.name, dict(sample.labels), sample.value)
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    ]
-    return content_type, samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels`."""
-    found = [v for n, lab, v in samples if n == name and labels.items() <= lab.items()]
-    assert found, f"no sample {name}{labels}"
-    return sum(found)
 
 
 async def get_json(url: str) -> tuple[int, dict[str, Any]]:

@@ -12,7 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.test_ops import ProxyProcess, scrape, value, write_config
+from tests.metrics import scrape, value
+from tests.test_ops import ProxyProcess, write_config
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
