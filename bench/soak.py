@@ -39,7 +39,9 @@ sys.path.insert(0, str(REPO))
 
 from tests.counter_clients import Ledger, audit, increment_until  # noqa: E402
 from tests.fault_upstream import Fault, FaultUpstream, running_upstream  # noqa: E402
-from tests.proxy_processes import ProxyProcess, counter_config, free_port, metric, start_proxy  # noqa: E402
+from tests.metrics import metric  # noqa: E402
+from tests.ports import free_port  # noqa: E402
+from tests.proxy_processes import ProxyProcess, counter_config, start_proxy  # noqa: E402
 from tests.redis_fixtures import RedisServer  # noqa: E402
 
 FAULTS = (Fault.ERROR_BEFORE, Fault.ERROR_AFTER, Fault.RESET_BEFORE, Fault.RESET_AFTER, Fault.SLOW_AFTER)

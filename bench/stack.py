@@ -28,20 +28,9 @@ import procstat
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))  # first: a dependency may install a top-level `tests` package
 
-_given_ports: set[int] = set()
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on now (never the same one twice)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _given_ports:
-            _given_ports.add(port)
-            return port
-    raise RuntimeError("no free loopback port")
+from tests.ports import free_port  # noqa: E402  (the suite's helper, also stack.free_port)
 
 
 class StartError(RuntimeError):

@@ -25,7 +25,6 @@ import dataclasses
 import itertools
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -37,6 +36,7 @@ import redis
 
 from etagproxy.config import parse_store_url
 from etagproxy.store.redis import RedisStore
+from tests.ports import free_port
 
 __all__ = [
     "RedisClusterGroup",
@@ -66,13 +66,6 @@ def _binary(name: str) -> str:
             pytrace=False,
         )
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _options(**options: object) -> list[str]:
@@ -107,7 +100,7 @@ class RedisServer:
 
     def __init__(self, workdir: Path, *args: str, binary: str = "redis-server") -> None:
         self.host = HOST
-        self.port = _free_port()
+        self.port = free_port(HOST)
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = self.dir / "redis.log"
@@ -232,7 +225,7 @@ class RedisClusterGroup:
                 *_options(
                     cluster_enabled="yes",
                     cluster_config_file="nodes.conf",
-                    cluster_port=_free_port(),
+                    cluster_port=free_port(HOST),
                     cluster_node_timeout=500,
                 ),
             )

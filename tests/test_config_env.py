@@ -10,7 +10,8 @@ import aiohttp
 import pytest
 
 from etagproxy.config import ConfigError, parse_config, service_link
-from tests.proxy_processes import REPO, free_port, start_proxy
+from tests.ports import free_port
+from tests.proxy_processes import REPO, start_proxy
 
 # What the Services of deploy/kubernetes inject: etagproxy-redis (redis.yaml)
 # and inventory-api (service.yaml), plus a Service named etagproxy.

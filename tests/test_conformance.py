@@ -39,18 +39,13 @@ from etagproxy.store.base import VersionStore
 from etagproxy.store.memory import MemoryStore
 from tests.proxy_fixtures import RecordingUpstream
 from tests.test_preconditions import (
-    ABSENT,
-    INVALID,
     KINDS,
-    OLD,
-    STAR,
-    DateField,
     Resource,
     Sent,
-    TagField,
+    date_header,
     oracle,
     render_date,
-    render_tags,
+    tag_header,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -839,40 +834,6 @@ def pairwise_rows() -> list[Row]:
 
 
 ROWS = pairwise_rows()
-
-
-def tag_header(kind: str, name: str, held: str) -> tuple[TagField, str | None]:
-    """`kind` of tag field from a client holding the tag `held` (opaque)."""
-    older = OLD + held[len(OLD) :]  # the same representation of another version
-    value: TagField
-    if kind == "matching":
-        value = ((False, older), (False, held))
-    elif kind == "stale":
-        value = ((False, older),)
-    elif kind == "weak":
-        value = ((True, held),)
-    elif kind == "star":
-        value = STAR
-    elif kind == "malformed":
-        # What a lax parser would read as the held tag.
-        return INVALID, held if name == "If-Match" else f'"{held}" "{older}"'
-    else:
-        value = ABSENT
-    return value, render_tags(value)
-
-
-def date_header(kind: str, lm: int) -> tuple[DateField, str | None]:
-    if kind == "matching":
-        return lm, render_date(lm)
-    if kind == "stale":
-        return lm - 1, render_date(lm - 1)
-    if kind == "weak":  # no weak dates: two dates, which is a list, not a date
-        return INVALID, f"{render_date(lm)}, {render_date(lm)}"
-    if kind == "star":
-        return INVALID, "*"
-    if kind == "malformed":  # RFC 5322 allows it, HTTP-date does not
-        return INVALID, render_date(lm).replace("GMT", "+0000")
-    return ABSENT, None
 
 
 def render_row(row: Row, held: str, lm: int) -> tuple[Sent, dict[str, str]]:

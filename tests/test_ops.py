@@ -23,7 +23,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from etagproxy import logs
 from etagproxy.app import ProxyServer
@@ -32,6 +31,7 @@ from etagproxy.logs import AccessLog
 from etagproxy.exchange import Exchange
 from etagproxy.store.base import StoreError
 from etagproxy.store.memory import MemoryStore
+from tests.metrics import scrape, value
 from tests.proxy_fixtures import RecordingUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,9 +51,6 @@ ADMIN = "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nupstream: {upstream}\n"
 # -- helpers -------------------------------------------------------------------
 
 
-Samples = list[tuple[str, dict[str, str], float]]
-
-
 async def logged(exchanges: list[Exchange], count: int, timeout: float = 5) -> None:
     """Until `count` requests finished in the handler (they are logged
     after their metrics are counted; a client can get a streamed response
@@ -62,27 +59,6 @@ async def logged(exchanges: list[Exchange], count: int, timeout: float = 5) -> N
     while len(exchanges) < count:
         assert time.monotonic() < deadline, f"{len(exchanges)} of {count} requests finished"
         await asyncio.sleep(0.001)
-
-
-async def scrape(admin_url: str) -> tuple[str, Samples]:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(admin_url + "/metrics") as r:
-            assert r.status == 200
-            text = await r.text()
-            content_type = r.headers["Content-Type"]
-    samples = [
-        (sample.name, dict(sample.labels), sample.value)
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    ]
-    return content_type, samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels`."""
-    found = [v for n, lab, v in samples if n == name and labels.items() <= lab.items()]
-    assert found, f"no sample {name}{labels}"
-    return sum(found)
 
 
 async def get_json(url: str) -> tuple[int, dict[str, Any]]:
@@ -106,136 +82,6 @@ class HeldUpstream:
             self.arrived.set()
             await self.release.wait()
         return await self._up.default(request, body)
-
-
-def _record(line: str) -> dict[str, Any] | None:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-class ProxyProcess:
-    """`python -m etagproxy run ...` as a child, with its output as it arrives.
-
-    stderr carries the operational log (JSON lines by default); stdout the
-    access log. `wait_for` waits for a log record, never for a while.
-    """
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.err: list[str] = []
-        self.out: list[str] = []
-        self._new = asyncio.Event()
-        assert proc.stderr is not None and proc.stdout is not None
-        self._readers = [
-            asyncio.ensure_future(self._read(proc.stderr, self.err)),
-            asyncio.ensure_future(self._read(proc.stdout, self.out)),
-        ]
-
-    @classmethod
-    async def start(cls, *args: str, env: dict[str, str] | None = None) -> ProxyProcess:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "etagproxy", "run", *args,
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, **(env or {})},
-        )
-        return cls(proc)
-
-    async def _read(self, stream: asyncio.StreamReader, into: list[str]) -> None:
-        async for raw in stream:
-            into.append(raw.decode("utf-8", "replace").rstrip("\n"))
-            self._new.set()
-        self._new.set()
-
-    def records(self) -> list[dict[str, Any]]:
-        """stderr lines that are JSON objects (the operational log)."""
-        return [r for r in map(_record, self.err) if r is not None]
-
-    async def wait_access(self, count: int, *, timeout: float = 15) -> None:
-        """Until `count` access-log lines arrived. A request is logged after
-        its metrics are counted, while a client may see its response a
-        moment earlier: scrapes that must include it wait for this."""
-        deadline = time.monotonic() + timeout
-        while len(self.out) < count:
-            self._new.clear()
-            if len(self.out) >= count:
-                break
-            left = deadline - time.monotonic()
-            if left <= 0 or self.proc.returncode is not None:
-                pytest.fail(f"{len(self.out)} access-log lines, expected {count}")
-            try:
-                await asyncio.wait_for(self._new.wait(), left)
-            except TimeoutError:
-                pass
-
-    async def wait_lines(
-        self, match: Callable[[str], bool], *, count: int = 1, timeout: float = 15
-    ) -> list[str]:
-        """The first `count` stderr lines `match` accepts, once there are that many."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self._new.clear()
-            found = [line for line in self.err if match(line)]
-            if len(found) >= count:
-                return found[:count]
-            if self.proc.returncode is not None and all(t.done() for t in self._readers):
-                pytest.fail("proxy exited early:\n" + "\n".join(self.err[-30:]))
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail("log line not seen in time:\n" + "\n".join(self.err[-30:]))
-            try:
-                await asyncio.wait_for(self._new.wait(), left)
-            except TimeoutError:
-                pass
-
-    async def wait_for(
-        self, match: Callable[[dict[str, Any]], bool], *, count: int = 1, timeout: float = 15
-    ) -> list[dict[str, Any]]:
-        """The first `count` stderr JSON records `match` accepts."""
-
-        def accept(line: str) -> bool:
-            record = _record(line)
-            return record is not None and match(record)
-
-        lines = await self.wait_lines(accept, count=count, timeout=timeout)
-        return [r for r in map(_record, lines) if r is not None]
-
-    async def wait_listening(self, count: int = 1) -> list[dict[str, Any]]:
-        return await self.wait_for(lambda r: r.get("msg", "").startswith("listening on"), count=count)
-
-    async def finish(self, timeout: float = 30) -> int:
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
-        await asyncio.gather(*self._readers)
-        return code
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
-        await self.proc.wait()
-        # Children that outlived it may still hold the pipes open.
-        _, pending = await asyncio.wait(self._readers, timeout=5)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*self._readers, return_exceptions=True)
-
-
-@pytest.fixture
-async def processes():
-    """Every ProxyProcess a test starts is killed if the test did not stop it."""
-    started: list[ProxyProcess] = []
-
-    async def start(*args: str, env: dict[str, str] | None = None) -> ProxyProcess:
-        p = await ProxyProcess.start(*args, env=env)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        await p.kill()
 
 
 def write_config(path: Path, upstream: str, extra: str = "", routes: str = ROUTES) -> Path:
@@ -560,9 +406,9 @@ async def test_startup_logs_the_effective_config_with_secrets_masked(processes, 
     assert listening["port"] > 0 and listening["admin_port"] > 0
     proxy.proc.send_signal(signal.SIGTERM)
     assert await proxy.finish() == 0
-    everything = "\n".join(proxy.err + proxy.out)
+    everything = "\n".join(proxy.stderr + proxy.stdout)
     assert "s3cr" not in everything
-    assert all(json.loads(line) for line in proxy.err), "every stderr line is one JSON object"
+    assert all(json.loads(line) for line in proxy.stderr), "every stderr line is one JSON object"
 
 
 async def test_text_log_format_is_for_people(processes, tmp_path, recording_upstream):
@@ -578,8 +424,8 @@ async def test_text_log_format_is_for_people(processes, tmp_path, recording_upst
             assert r.status == 200
     proxy.proc.send_signal(signal.SIGTERM)
     assert await proxy.finish() == 0
-    assert not any(line.startswith("{") for line in proxy.err + proxy.out)
-    access, = proxy.out
+    assert not any(line.startswith("{") for line in proxy.stderr + proxy.stdout)
+    access, = proxy.stdout
     assert " 127.0.0.1 GET /api/items/5/ route=/api/items/{id}/ key=/api/items/5/ 200 upstream=200 " in access
 
 
@@ -684,7 +530,7 @@ async def test_sigterm_during_a_burst_loses_and_resets_no_request(processes, tmp
         else:
             assert json.loads(body) == {"path": path}
     assert await proxy.finish() == 0
-    access = [json.loads(line) for line in proxy.out]
+    access = [json.loads(line) for line in proxy.stdout]
     assert len(access) == burst and {a["status"] for a in access} == {200}
 
 

@@ -223,11 +223,9 @@ def render_date(seconds: int) -> str:
 KINDS = ("matching", "stale", "weak", "star", "malformed", "absent")
 
 
-def tag_field(kind: str, field: str, r: Resource) -> tuple[TagField, str | None]:
-    """(abstract value, header) for a tag field of `kind`, from a client's view of `r`."""
-    # The tag the client holds for this representation; the plain one if none is sent.
-    held = r.tag[1] if r.tag is not None else CUR
-    older = OLD + held[len(CUR) :]
+def tag_header(kind: str, name: str, held: str) -> tuple[TagField, str | None]:
+    """`kind` of tag field from a client holding the tag `held` (opaque)."""
+    older = OLD + held[len(OLD) :]  # the same representation of another version
     value: TagField
     if kind == "matching":
         value = ((False, older), (False, held))
@@ -238,27 +236,24 @@ def tag_field(kind: str, field: str, r: Resource) -> tuple[TagField, str | None]
     elif kind == "star":
         value = STAR
     elif kind == "malformed":
-        # Spellings a lax parser would read as the current tag.
-        header = held if field == "If-Match" else f'"{held}" "{older}"'
-        return INVALID, header
+        # What a lax parser would read as the held tag.
+        return INVALID, held if name == "If-Match" else f'"{held}" "{older}"'
     else:
         value = ABSENT
     return value, render_tags(value)
 
 
-def date_field(kind: str, field: str) -> tuple[DateField, str | None]:
+def date_header(kind: str, lm: int) -> tuple[DateField, str | None]:
     if kind == "matching":
-        return LM, render_date(LM)
+        return lm, render_date(lm)
     if kind == "stale":
-        return LM - 1, render_date(LM - 1)
-    if kind == "weak":
-        # No weak dates: a list of two dates instead, which is invalid.
-        return INVALID, f"{render_date(LM)}, {render_date(LM)}"
+        return lm - 1, render_date(lm - 1)
+    if kind == "weak":  # no weak dates: two dates, which is a list, not a date
+        return INVALID, f"{render_date(lm)}, {render_date(lm)}"
     if kind == "star":
         return INVALID, "*"
-    if kind == "malformed":
-        # RFC 5322 accepts this; HTTP-date requires "GMT".
-        return INVALID, render_date(LM).replace("GMT", "+0000")
+    if kind == "malformed":  # RFC 5322 allows it, HTTP-date does not
+        return INVALID, render_date(lm).replace("GMT", "+0000")
     return ABSENT, None
 
 
@@ -299,11 +294,13 @@ def test_every_combination_agrees_with_the_rfc(method: str, resource: str) -> No
     model, rep = RESOURCES[resource]
     mismatches = []
     outcomes = set()
+    # The tag the client holds for this representation; the plain one if none is sent.
+    held = model.tag[1] if model.tag is not None else CUR
     for kinds in itertools.product(KINDS, repeat=4):
-        im, im_header = tag_field(kinds[0], "If-Match", model)
-        ius, ius_header = date_field(kinds[1], "If-Unmodified-Since")
-        inm, inm_header = tag_field(kinds[2], "If-None-Match", model)
-        ims, ims_header = date_field(kinds[3], "If-Modified-Since")
+        im, im_header = tag_header(kinds[0], "If-Match", held)
+        ius, ius_header = date_header(kinds[1], LM)
+        inm, inm_header = tag_header(kinds[2], "If-None-Match", held)
+        ims, ims_header = date_header(kinds[3], LM)
         cond = Conditionals(
             if_match=im_header,
             if_unmodified_since=ius_header,

@@ -6,13 +6,13 @@ import asyncio
 import gzip
 import hashlib
 import json
-import socket
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from tests.proxy_fixtures import RecordingUpstream
+from tests.ports import free_port
 
 TRACKED = """
 upstream: {upstream}
@@ -339,10 +339,7 @@ async def test_write_body_over_max_body_is_413_and_not_forwarded(make_proxy, rec
 
 
 async def test_unreachable_upstream_is_502_problem(make_proxy):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # Nothing listens on `port` any more.
+    port = free_port()  # nothing listens on it
     proxy = await make_proxy(cfg(), upstream=f"http://127.0.0.1:{port}")
     async with aiohttp.ClientSession() as s:
         for method, path in (("GET", "/api/sites/1/"), ("PUT", "/api/sites/1/"), ("GET", "/other")):

@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from etagproxy.guard import LINGER, StrictRequestParserPy, check_request
 from etagproxy.store import open_store
 from etagproxy.store.base import StoreError
 from tests.proxy_fixtures import RecordingUpstream
+from tests.ports import free_port
 from tests.security_corpus import ACCEPTED, REFUSED, SMUGGLED, Probe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -888,18 +888,11 @@ async def test_authorize_falls_back_to_get_when_head_is_not_served(make_proxy, r
 # --- secrets ------------------------------------------------------------------------------------
 
 
-def unused_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_store_password_never_shows_in_errors_readyz_inspect_or_check_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     secret = "s3cr3t-Pa55"
-    url = f"redis://user:{secret}@127.0.0.1:{unused_port()}/0"
+    url = f"redis://user:{secret}@127.0.0.1:{free_port()}/0"
     config = parse_config(f"listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nupstream: http://127.0.0.1:9\nstore: {url}\n")
     assert secret not in repr(config) and secret not in json.dumps(dump_effective(config))
     store = open_store(config.store, timeout_s=0.2)

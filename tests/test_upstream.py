@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -15,6 +14,7 @@ from etagproxy.upstream import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from tests.ports import free_port
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -255,9 +255,7 @@ async def test_the_deadline_covers_headers_and_body(scripted, client):
 
 
 async def test_refused_connection_is_unreachable_and_not_sent(client):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with pytest.raises(UpstreamUnreachable) as info:
         await fetch(client, f"http://127.0.0.1:{port}")
     assert not info.value.sent

@@ -12,7 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.test_ops import ProxyProcess, scrape, value, write_config
+from tests.metrics import scrape, value
+from tests.proxy_processes import ProxyProcess
+from tests.test_ops import write_config
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -35,30 +37,6 @@ async def fresh(method: str, url: str, **kw: Any) -> tuple[int, str | None, byte
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
         async with s.request(method, url, **kw) as r:
             return r.status, r.headers.get("ETag"), await r.read()
-
-
-@pytest.fixture
-async def processes():
-    started: list[ProxyProcess] = []
-
-    async def start(*args: str) -> ProxyProcess:
-        p = await ProxyProcess.start(*args)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        # Workers are children of the supervisor: SIGKILL on it would leave
-        # them running, so they go first.
-        if p.proc.returncode is None:
-            for record in p.records():
-                pid = record.get("worker")
-                if isinstance(pid, int):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-        await p.kill()
 
 
 async def test_workers_share_the_port_the_store_and_the_metrics(
@@ -97,8 +75,8 @@ async def test_workers_share_the_port_the_store_and_the_metrics(
 
     pool.proc.send_signal(signal.SIGTERM)
     assert await pool.finish() == 0
-    served_by = {json.loads(line)["pid"] for line in pool.out}
-    assert len(pool.out) == sent
+    served_by = {json.loads(line)["pid"] for line in pool.stdout}
+    assert len(pool.stdout) == sent
     assert len(served_by) > 1 and served_by <= pids, "the kernel spread connections across workers"
 
 
