@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 
 from etagproxy.store.redis import redis_key
+from tests.chaos_rows import report
 from tests.counter_clients import Ack, Ledger, audit, bypass_until, increment_until, read_counter, write_counter
 from tests.fault_upstream import Applied, Fault, FaultUpstream, running_upstream
 from tests.proxy_fixtures import ProxyHandle
@@ -151,6 +152,7 @@ async def _sweep(stop: asyncio.Event, bases: Sequence[str], reads: list[int]) ->
 
 @pytest.mark.slow
 @pytest.mark.redis
+@pytest.mark.chaos
 async def test_redis_evicting_versions_at_maxmemory_loses_no_update(tmp_path: Path, proxies: StartProxies):
     """volatile-random, the harshest of the safe policies: the hot counters'
     versions are evicted as often as cold ones, mid read-modify-write. Every
@@ -187,7 +189,10 @@ async def test_redis_evicting_versions_at_maxmemory_loses_no_update(tmp_path: Pa
     # evicted mid-run. Everything else in the chain check must hold.
     breaks = [p for p in audit(up, ledger, whole_chain=True).problems if "chain broken" in p]
     result = audit(up, ledger)
-    print(result.summary(), f"evicted {evicted} keys during {reads[0]} sweeping reads; {breaks}")
+    report(
+        "Redis at maxmemory, volatile-random, 2 replicas x 16 clients", result,
+        evicted_keys=evicted, sweeping_reads=reads[0], chains_broken_by_eviction=len(breaks),
+    )
     assert breaks
     assert result.problems == []
     assert result.stale == 0

@@ -1,0 +1,1 @@
+"""The chaos suite's runner: `python -m bench.chaos [--all] [--write]`."""
