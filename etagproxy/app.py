@@ -7,6 +7,10 @@ requests within the budget, then close the upstream pool and the store.
 The admin listener closes last, so `/readyz` answers 503 "draining" for as
 long as the drain lasts.
 
+`serve()` is one proxy process's life: start, signals (SIGINT/SIGTERM
+drain, SIGHUP reload), stop. The CLI runs it for one process, and each
+worker of the supervisor (workers.py) runs it after the fork.
+
 `reload()` (SIGHUP) swaps the routes for the ones in the config file, or
 keeps the running ones if the file has problems.
 """
@@ -15,8 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
+import signal
 import socket
+import sys
 from collections.abc import Callable
 
 from aiohttp import web
@@ -24,6 +31,7 @@ from aiohttp import web
 from etagproxy.config import Config, ConfigError, load_config
 from etagproxy.exchange import Exchange
 from etagproxy.guard import GuardedServer
+from etagproxy.logs import AccessLog
 from etagproxy.metrics import CONTENT_TYPE, Metrics
 from etagproxy.proxy import Proxy
 from etagproxy.routes import Router
@@ -278,3 +286,55 @@ def _bound_port(site: web.TCPSite) -> int:
 def _major(version: str) -> int:
     head = version.split(".", 1)[0]
     return int(head) if head.isdigit() else 0
+
+
+async def serve(
+    config: Config,
+    *,
+    access_log: bool = True,
+    log_format: str = "json",
+    reuse_port: bool = False,
+    ready: asyncio.Event | None = None,
+) -> int:
+    """Run one proxy until SIGINT/SIGTERM, then drain and return 0.
+
+    SIGHUP reloads the routes from the config file (`ProxyServer.reload`).
+    """
+    writer = AccessLog(fmt=log_format) if access_log else None
+    server = ProxyServer(config, access_log=writer, reuse_port=reuse_port)
+    stop = asyncio.Event()
+
+    def on_stop() -> None:
+        # Readiness fails with the signal itself, before the loop gets
+        # around to the drain.
+        server.draining = True
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
+    try:
+        await server.start()
+    except OSError as exc:
+        print(f"etagproxy: cannot listen on {config.listen[0]}:{config.listen[1]}: {exc}", file=sys.stderr)
+        await server.stop()
+        return 1
+    # What exists now lives as long as the process: keep it out of the
+    # collector's passes, which then only walk what requests allocate.
+    gc.collect()
+    gc.freeze()
+    log.info(
+        "listening on %s:%d (store %s, %d routes)",
+        config.listen[0], server.port, config.store.masked_url, len(config.routes),
+        extra={"fields": {"port": server.port, "admin_port": server.admin_port or None}},
+    )
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("stopping: draining in-flight requests (budget %.1fs)", config.timeouts.shutdown)
+    await server.stop()
+    if writer is not None:
+        writer.close()
+    log.info("stopped")
+    return 0

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -29,61 +27,6 @@ def _install_uvloop() -> None:
 def log_format_default() -> str:
     """`--log-format` default: ETAGPROXY_LOG_FORMAT (for containers), else json."""
     return os.environ.get("ETAGPROXY_LOG_FORMAT", "json").strip().lower() or "json"
-
-
-async def serve(
-    config: Config,
-    *,
-    access_log: bool = True,
-    log_format: str = "json",
-    reuse_port: bool = False,
-    ready: asyncio.Event | None = None,
-) -> int:
-    """Run one proxy until SIGINT/SIGTERM, then drain and return 0.
-
-    SIGHUP reloads the routes from the config file (`ProxyServer.reload`).
-    """
-    from etagproxy.app import ProxyServer
-    from etagproxy.logs import AccessLog
-
-    writer = AccessLog(fmt=log_format) if access_log else None
-    server = ProxyServer(config, access_log=writer, reuse_port=reuse_port)
-    stop = asyncio.Event()
-
-    def on_stop() -> None:
-        # Readiness fails with the signal itself, before the loop gets
-        # around to the drain.
-        server.draining = True
-        stop.set()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_stop)
-    loop.add_signal_handler(signal.SIGHUP, server.reload)
-    try:
-        await server.start()
-    except OSError as exc:
-        print(f"etagproxy: cannot listen on {config.listen[0]}:{config.listen[1]}: {exc}", file=sys.stderr)
-        await server.stop()
-        return 1
-    # What exists now lives as long as the process: keep it out of the
-    # collector's passes, which then only walk what requests allocate.
-    gc.collect()
-    gc.freeze()
-    log.info(
-        "listening on %s:%d (store %s, %d routes)",
-        config.listen[0], server.port, config.store.masked_url, len(config.routes),
-        extra={"fields": {"port": server.port, "admin_port": server.admin_port or None}},
-    )
-    if ready is not None:
-        ready.set()
-    await stop.wait()
-    log.info("stopping: draining in-flight requests (budget %.1fs)", config.timeouts.shutdown)
-    await server.stop()
-    if writer is not None:
-        writer.close()
-    log.info("stopped")
-    return 0
 
 
 def _load(path: str) -> Config | None:
@@ -122,6 +65,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from etagproxy.workers import supervise
 
         return supervise(config, args)
+    from etagproxy.app import serve
+
     return asyncio.run(serve(config, access_log=not args.no_access_log, log_format=args.log_format))
 
 

@@ -1,6 +1,6 @@
 """`run --workers N`: N proxy processes on one port, under one supervisor.
 
-The supervisor forks N workers. Each runs `cli.serve()` with SO_REUSEPORT
+The supervisor forks N workers. Each runs `app.serve()` with SO_REUSEPORT
 on the proxy and the admin port, so the kernel spreads connections across
 them; all of them share the Redis store (memory:// is refused before this
 module is reached). Metrics are pooled through prometheus-client's
@@ -133,7 +133,7 @@ class Supervisor:
         try:
             self.release_ports()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-            from etagproxy.cli import serve
+            from etagproxy.app import serve
 
             code = asyncio.run(
                 serve(
