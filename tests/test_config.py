@@ -1052,6 +1052,23 @@ def test_dump_effective_is_json_and_complete() -> None:
     assert set(dumped["routes"][1]) == set(RouteConfig.__dataclass_fields__)
 
 
+def test_dump_effective_shows_a_route_s_bulk_and_version_settings() -> None:
+    config = parse_config(
+        UPSTREAM + "routes:\n  - path: /a/{id}\n    version: {from: field, field: rev}\n"
+        "  - path: /a/\n    bulk: {field: id, member: '/a/{id}'}\n"
+    )
+    dumped = json.loads(json.dumps(dump_effective(config)))
+    assert dumped["routes"][1]["bulk"] == {"field": "id", "member": "/a/{id}", "max_members": 100}
+    assert dumped["routes"][0]["version"]["source"] == "field"
+
+
+def test_a_null_version_or_bulk_is_the_default() -> None:
+    config = parse_config(UPSTREAM + "routes:\n  - path: /a/{id}\n    version: ~\n    bulk: ~\n")
+    assert config.routes[0].version is None
+    assert config.routes[0].bulk is None
+    assert config.routes[0] == parse_config(UPSTREAM + "routes:\n  - path: /a/{id}\n").routes[0]
+
+
 # --- authorize ------------------------------------------------------------------
 
 

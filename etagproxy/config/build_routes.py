@@ -92,6 +92,15 @@ def _or_empty(read_value: _Read) -> _Read:
     return read
 
 
+def _or_none(read_value: _Read) -> _Read:
+    """`read_value`, except that null gives None: the setting's default."""
+
+    def read(checker: _Checker, node: _Node, path: str) -> Any:
+        return None if node.value is None else read_value(checker, node, path)
+
+    return read
+
+
 def _read_methods(checker: _Checker, node: _Node, path: str) -> frozenset[str] | None | _Invalid:
     if node.value is None:
         return None
@@ -189,9 +198,9 @@ _ROUTE_SETTINGS: Final[dict[str, _Setting]] = {
     "require_if_match": _Setting(_one(_parse_bool)),
     "invalidates": _Setting(_each("path templates", _parse_template)),
     "created": _Setting(_one(_parse_template)),
-    "bulk": _Setting(_or_empty(_read_bulk)),
+    "bulk": _Setting(_or_none(_read_bulk)),
     "plain_types": _Setting(_each("media types", _parse_media_type)),
-    "version": _Setting(_or_empty(_read_version)),
+    "version": _Setting(_or_none(_read_version)),
     "computed": _Setting(_one(_parse_bool)),
     "short_circuit": _Setting(_one(_parse_bool)),
     "short_circuit_ttl": _Setting(_one(_duration())),

@@ -54,5 +54,7 @@ def _route_json(route: RouteConfig) -> dict[str, Any]:
             value = sorted(value)
         elif isinstance(value, tuple):
             value = list(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
         out[f.name] = value
     return out
