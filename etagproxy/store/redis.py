@@ -567,9 +567,9 @@ class RedisStore:
         if self._lean is not None:
             info = await self._answer("info", self._lean.execute("INFO", "server"))
             text = info.decode() if isinstance(info, bytes) else str(info)
-            found = re.search(r"^redis_version:(\S+)", text, re.M)
-            if found:
-                settings["redis_version"] = found.group(1)
+            line = re.search(r"^redis_version:(\S+)", text, re.M)
+            if line:
+                settings["redis_version"] = line.group(1)
             try:
                 reply = await self._answer("config", self._lean.execute("CONFIG", "GET", "maxmemory-policy"))
             except StoreError as exc:
