@@ -48,7 +48,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from etagproxy.app import ProxyServer  # noqa: E402
 from etagproxy.config import parse_config  # noqa: E402
-from etagproxy.guard import StrictRequestParserPy, check_request  # noqa: E402
+from etagproxy.framing import StrictRequestParserPy, check_request  # noqa: E402
 
 CONFIG = """
 listen: 127.0.0.1:0

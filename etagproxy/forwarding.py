@@ -18,9 +18,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from etagproxy import headers as hdr
+from etagproxy.client_body import arrived_body, client_chunks
 from etagproxy.config import Config, RouteConfig
 from etagproxy.exchange import Exchange, credential_hash
-from etagproxy.guard import arrived_body, client_chunks
 from etagproxy.metrics import Metrics
 from etagproxy.problems import problem
 from etagproxy.routes import Match, Router

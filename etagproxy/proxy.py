@@ -24,10 +24,12 @@ from collections.abc import Callable
 from aiohttp import web
 
 from etagproxy import headers as hdr
+from etagproxy.client_body import ClientBodyError
 from etagproxy.config import Config, RouteConfig
 from etagproxy.exchange import Exchange
 from etagproxy.forwarding import RESPONSE_DROP_TRACKED, Forwarding
-from etagproxy.guard import ClientBodyError, Guard, Refusal
+from etagproxy.framing import Refusal
+from etagproxy.guard import Guard
 from etagproxy.metrics import Metrics
 from etagproxy.problems import problem
 from etagproxy.reads import Reads

@@ -34,11 +34,12 @@ from hypothesis import strategies as st
 from etagproxy.app import ProxyServer
 from etagproxy.cli import main
 from etagproxy.config import dump_effective, parse_config
-from etagproxy.guard import LINGER, StrictRequestParserPy, check_request
+from etagproxy.framing import StrictRequestParserPy, check_request
+from etagproxy.guard import LINGER
 from etagproxy.store import open_store
 from etagproxy.store.base import StoreError
-from tests.proxy_fixtures import RecordingUpstream
 from tests.ports import free_port
+from tests.proxy_fixtures import RecordingUpstream
 from tests.security_corpus import ACCEPTED, REFUSED, SMUGGLED, Probe
 
 ROOT = Path(__file__).resolve().parent.parent
