@@ -26,7 +26,7 @@ import socket
 import sys
 from collections.abc import Callable
 
-from aiohttp import web
+from aiohttp import web, web_response
 
 from etagproxy.config import Config, ConfigError, load_config
 from etagproxy.exchange import Exchange
@@ -75,6 +75,10 @@ class ProxyServer:
 
     async def start(self) -> None:
         cfg = self.config
+        # aiohttp adds `Server: Python/3.x aiohttp/3.y` to every answer that
+        # has none and has no setting for it, only this module global, read
+        # as each response is prepared: one value per process.
+        web_response.SERVER_SOFTWARE = cfg.server
         self.store = self._given_store or open_store(cfg.store, timeout_s=cfg.timeouts.store)
         await self._check_store()
         self.upstream = Upstream(connect_timeout=cfg.timeouts.connect)

@@ -20,16 +20,25 @@ owning the admin port and proxying probes to workers.
 
 from __future__ import annotations
 
+import glob
 import os
+import platform
+import re
+from collections.abc import Iterator
 
+import aiohttp
 from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client import values as _values
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -178,6 +187,21 @@ class Metrics:
             ("result",),
             registry=r,
         )
+        self.build_info = Gauge(
+            "etagproxy_build_info",
+            "1, labelled with the versions this process runs.",
+            ("version", "python", "aiohttp"),
+            registry=r,
+            multiprocess_mode="max",
+        )
+        from etagproxy import __version__
+
+        self.build_info.labels(__version__, platform.python_version(), aiohttp.__version__).set(1)
+        if not self.multiprocess and r is not None:
+            # process_* and python_info, as prometheus-client's default
+            # registry has them; a pool's are added at exposition.
+            r.register(PROCESS_COLLECTOR)
+            r.register(PLATFORM_COLLECTOR)
         # Series that exist from the start read 0 instead of being absent,
         # so rate() and alerts work before the first event.
         for cause in Cause:
@@ -190,8 +214,55 @@ class Metrics:
         if self.multiprocess:
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
+            registry.register(PoolProcesses(os.environ[MULTIPROC_ENV]))
+            registry.register(PLATFORM_COLLECTOR)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+# Live workers keep a `livesum` gauge file named by their pid; the
+# supervisor removes a dead worker's (workers.py).
+_LIVE_FILE = re.compile(r"gauge_livesum_(\d+)\.db$")
+
+
+class PoolProcesses:
+    """process_* for a pool of workers: CPU, memory and descriptors summed
+    over the live workers, the earliest start time, the smallest fd limit.
+
+    prometheus-client's ProcessCollector describes only the process that
+    answers the scrape, which with SO_REUSEPORT is any worker; summed, the
+    series mean the same with one worker or many."""
+
+    _EARLIEST = frozenset({"process_start_time_seconds"})
+    _SMALLEST = frozenset({"process_max_fds"})
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def pids(self) -> list[int]:
+        found = (_LIVE_FILE.search(path) for path in glob.glob(os.path.join(self.directory, "gauge_livesum_*.db")))
+        return sorted({int(m.group(1)) for m in found if m})
+
+    def collect(self) -> Iterator[Metric]:
+        totals: dict[str, tuple[Metric, float]] = {}
+        for pid in self.pids():
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+                for sample in family.samples:
+                    seen = totals.get(sample.name)
+                    if seen is None:
+                        totals[sample.name] = (family, sample.value)
+                    elif sample.name in self._EARLIEST or sample.name in self._SMALLEST:
+                        totals[sample.name] = (family, min(seen[1], sample.value))
+                    else:
+                        totals[sample.name] = (family, seen[1] + sample.value)
+        for name, (family, total) in totals.items():
+            doc = family.documentation + " (summed over the pool's live workers)" * (
+                name not in self._EARLIEST and name not in self._SMALLEST
+            )
+            if family.type == "counter":
+                yield CounterMetricFamily(family.name, doc, value=total)
+            else:
+                yield GaugeMetricFamily(name, doc, value=total)
 
 
 def worker_restarts() -> Counter:

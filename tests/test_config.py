@@ -211,7 +211,7 @@ def test_the_documented_example_message() -> None:
     ]
 
 
-KNOWN_TOP = "listen, admin_listen, upstream, store, timeouts, limits, defaults, routes, trusted_proxies, via"
+KNOWN_TOP = "listen, admin_listen, upstream, store, timeouts, limits, defaults, routes, trusted_proxies, via, server"
 DURATION = "a duration such as 2s, 250ms, 1.5m, 1h or 7d"
 SIZE = "a size such as 10MiB, 512KiB, 1GB or a number of bytes"
 ADDRESS = "host:port such as 0.0.0.0:8080, [::1]:8080 or :8080"
@@ -1086,4 +1086,13 @@ def test_authorize_is_none_or_upstream_on_tracked_routes() -> None:
     ) == [
         "config.yaml:5: routes[0].authorize: expected no tracking settings on a passthrough route,"
         " got 'upstream'"
+    ]
+
+
+def test_server_names_products_and_nothing_else() -> None:
+    assert parse_config(UPSTREAM).server == "etagproxy"
+    assert parse_config(UPSTREAM + "server: 'gw/2 (internal)'\n").server == "gw/2 (internal)"
+    assert problems(UPSTREAM + "server: 'me@host'\n") == [
+        "config.yaml:2: server: expected products such as etagproxy or etagproxy/1.0 (RFC 9110 §10.2.4),"
+        " got 'me@host'"
     ]

@@ -244,8 +244,9 @@ async def test_metrics_count_requests_outcomes_tokens_and_latencies(make_proxy, 
     assert value(m, "etagproxy_upstream_seconds_count", route="-") == 1
     assert value(m, "etagproxy_upstream_seconds_bucket", route=items, le="+Inf") == 3
     assert value(m, "etagproxy_in_flight_requests") == 0
+    # The proxy's own series, and prometheus-client's process_* and python_info.
     for name, _, _ in m:
-        assert name.startswith("etagproxy_"), name
+        assert name.startswith(("etagproxy_", "process_", "python_info")), name
 
 
 @pytest.mark.redis
@@ -581,3 +582,19 @@ async def test_inspect_shows_route_key_token_state_epoch_and_age(
     code, rows, err = await _inspect(conf, "/static/app.js")
     assert code == 1 and rows["route"] == "/static/{rest:path} (passthrough)"
     assert "not in a tracked route" in err
+
+
+# -- the Server field ----------------------------------------------------------------
+
+
+async def test_the_proxy_names_itself_without_versions_unless_told(make_proxy, recording_upstream):
+    async with aiohttp.ClientSession() as s:
+        proxy = await make_proxy("upstream: {upstream}\n" + ROUTES, upstream=recording_upstream.url)
+        async with s.put(proxy.url + "/api/items/1/", data="x", headers={"If-Match": '"stale"'}) as r:
+            assert r.status == 412
+            assert r.headers.getall("Server") == ["etagproxy"]
+        named = await make_proxy(
+            "upstream: {upstream}\nserver: 'api-gateway (internal)'\n" + ROUTES, upstream=recording_upstream.url
+        )
+        async with s.put(named.url + "/api/items/1/", data="x", headers={"If-Match": '"stale"'}) as r:
+            assert r.headers.getall("Server") == ["api-gateway (internal)"]

@@ -16,7 +16,7 @@ from typing import Any, Final
 from etagproxy.config.addresses import _STORE_EXPECTED, _URL_EXPECTED, _parse_listen, _parse_upstream, parse_store_url
 from etagproxy.config.build_routes import _RouteBuilder
 from etagproxy.config.check import _unknown_key
-from etagproxy.config.scalars import _count, _duration, _parse_network, _parse_str, _parse_via, _size
+from etagproxy.config.scalars import _count, _duration, _parse_network, _parse_server, _parse_str, _parse_via, _size
 from etagproxy.config.schema import Config, Limits, StoreConfig, Timeouts
 from etagproxy.config.yamlsource import _INVALID, _Invalid, _Node
 
@@ -31,6 +31,7 @@ _TOP_KEYS: Final = (
     "routes",
     "trusted_proxies",
     "via",
+    "server",
 )
 _STORE_PARSERS: Final[dict[str, Callable[[object], Any]]] = {
     "prefix": _parse_str,
@@ -90,6 +91,8 @@ class _Builder(_RouteBuilder):
                 self.problems.add(n, "admin_listen", "an address other than listen's")
         if (n := node("via")) is not None:
             values["via"] = self.scalar(n, "via", _parse_via)
+        if (n := node("server")) is not None:
+            values["server"] = self.scalar(n, "server", _parse_server)
         if (n := node("store")) is not None:
             values["store"] = self.store(n)
         if (n := node("timeouts")) is not None:

@@ -43,6 +43,7 @@ def dump_effective(config: Config) -> dict[str, Any]:
         "routes": [_route_json(r) for r in config.routes],
         "trusted_proxies": list(config.trusted_proxies),
         "via": config.via,
+        "server": config.server,
     }
 
 

@@ -251,3 +251,15 @@ def _parse_via(value: object) -> str:
     if isinstance(value, str) and _TOKEN.fullmatch(value):
         return value
     raise _Bad("a pseudonym of token characters (RFC 9110 §7.6.3) such as etagproxy", value)
+
+
+# RFC 9110 §10.2.4: Server = product *( RWS ( product / comment ) ), product =
+# token [ "/" product-version ]; a comment is kept simple (no nesting).
+_SERVER = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:/[!#$%&'*+\-.^_`|~0-9A-Za-z]+)?"
+                     r"(?: (?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:/[!#$%&'*+\-.^_`|~0-9A-Za-z]+)?|\([ -'*-~]*\)))*")
+
+
+def _parse_server(value: object) -> str:
+    if isinstance(value, str) and _SERVER.fullmatch(value):
+        return value
+    raise _Bad("products such as etagproxy or etagproxy/1.0 (RFC 9110 §10.2.4)", value)

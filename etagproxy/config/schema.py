@@ -222,5 +222,8 @@ class Config:
     """Addresses or CIDRs whose Forwarded / X-Forwarded-* headers are believed."""
     via: str = "etagproxy"
     """Pseudonym this proxy uses in Via (RFC 9110 §7.6.3)."""
+    server: str = "etagproxy"
+    """The Server field of the proxy's own answers (RFC 9110 §10.2.4); no
+    versions by default. A relayed answer keeps the upstream's."""
     source: str = "<config>"
     """Name of the file the configuration came from."""
