@@ -1,5 +1,5 @@
 """Idempotency-Key replays: a 2xx write's answer recorded so that a retry
-whose first answer was lost gets it again, not a 412 (DESIGN §2.5).
+whose first answer was lost gets it again, not a 412 (DESIGN §1, "Safe retry").
 
 A record is looked up only after a write's precondition failed, and only
 served to the same request: same method, If-Match, credentials and body

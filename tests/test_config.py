@@ -1096,3 +1096,50 @@ def test_server_names_products_and_nothing_else() -> None:
         "config.yaml:2: server: expected products such as etagproxy or etagproxy/1.0 (RFC 9110 §10.2.4),"
         " got 'me@host'"
     ]
+
+
+# --- hints for the usual YAML slips ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "routes:\n  - path: /x/{id}/\n    invalidates: [/x/{id}/]\n",
+            "config.yaml:4: invalid YAML: expected ',' or ']', but got '{' (a {name} inside [...] reads as a"
+            " YAML mapping: quote each item, as in ['/sites/{id}/'], or write the list one item per line)",
+        ),
+        (
+            "routes:\n  - path: /x/{id}/\n   require_if_match: true\n",
+            "config.yaml:4: invalid YAML: expected <block end>, but found '<block mapping start>' (check the"
+            " indentation: this line's key starts after 3 spaces, the line above's after 4 spaces;"
+            " keys of one mapping line up)",
+        ),
+        (
+            "timeouts:\n\tupstream: 1s\n",
+            "config.yaml:3: invalid YAML: found character '\\t' that cannot start any token"
+            " (YAML indents with spaces, not tabs)",
+        ),
+    ],
+    ids=["unquoted-template-in-flow-list", "indentation", "tab"],
+)
+def test_a_yaml_slip_gets_a_hint(text: str, message: str) -> None:
+    assert problems(UPSTREAM + text) == [message]
+
+
+@pytest.mark.parametrize(
+    "text, where, moved",
+    [
+        ("limits:\n  upstream_timeout: 1s\n", "limits.upstream_timeout", "timeouts.upstream"),
+        ("timeouts:\n  max_body: 1MiB\n", "timeouts.max_body", "limits.max_body"),
+        ("routes:\n  - path: /x/\n    upstream_timeout: 1s\n", "routes[0].upstream_timeout", "timeouts.upstream"),
+        ("timeouts:\n  token_ttl: 1d\n", "timeouts.token_ttl", "store.token_ttl"),
+        ("store:\n  url: memory://\n  require_if_match: true\n", "store.require_if_match",
+         "require_if_match on a route (or in defaults)"),
+    ],
+)
+def test_a_key_in_the_wrong_section_names_the_right_one(text: str, where: str, moved: str) -> None:
+    found = problems(UPSTREAM + text)
+    assert len(found) == 1 and found[0].endswith(
+        f"{where}: expected a known key (this belongs elsewhere: {moved}), got an unknown key"
+    ), found

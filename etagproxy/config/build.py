@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from etagproxy.config.addresses import _STORE_EXPECTED, _URL_EXPECTED, _parse_listen, _parse_upstream, parse_store_url
 from etagproxy.config.build_routes import _RouteBuilder
-from etagproxy.config.check import _unknown_key
+from etagproxy.config.check import SECTIONS, _unknown_key
 from etagproxy.config.scalars import _count, _duration, _parse_network, _parse_server, _parse_str, _parse_via, _size
 from etagproxy.config.schema import Config, Limits, StoreConfig, Timeouts
 from etagproxy.config.yamlsource import _INVALID, _Invalid, _Node
@@ -60,6 +60,9 @@ _LIMIT_PARSERS: Final[dict[str, Callable[[object], int]]] = {
     "max_in_flight": _count(minimum=1),
     "fingerprint_max": _size(minimum=0),
 }
+
+
+SECTIONS.update(timeouts=tuple(_TIMEOUT_PARSERS), limits=tuple(_LIMIT_PARSERS), store=_STORE_KEYS)
 
 
 class _Builder(_RouteBuilder):

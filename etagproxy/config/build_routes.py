@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from etagproxy.config.addresses import _parse_upstream
-from etagproxy.config.check import _Checker, _unknown_key
+from etagproxy.config.check import SECTIONS, _Checker, _unknown_key
 from etagproxy.config.scalars import (
     _choice,
     _duration,
@@ -216,6 +216,7 @@ _ROUTE_SETTINGS: Final[dict[str, _Setting]] = {
     "authorize": _Setting(_one(_choice("none", "upstream"))),
 }
 _ROUTE_KEYS: Final = tuple(f.name for f in dataclasses.fields(RouteConfig) if f.name != "line")
+SECTIONS["routes"] = _ROUTE_KEYS
 if set(_ROUTE_KEYS) != set(_ROUTE_SETTINGS):
     raise AssertionError(
         "RouteConfig fields and _ROUTE_SETTINGS differ: "

@@ -17,10 +17,41 @@ from etagproxy.config.scalars import _Bad
 from etagproxy.config.yamlsource import _INVALID, _Invalid, _join, _Node, _Problems
 
 
+# Keys of the sections a key may have been meant for, for "did you mean
+# timeouts.upstream?" when a key is put in the wrong section. Filled by
+# build.py and build_routes.py as they define their sections.
+SECTIONS: dict[str, tuple[str, ...]] = {}
+
+
+def _elsewhere(name: str, path: str) -> str | None:
+    """`section.key` another section has that `name` means: the same key,
+    or the key with the section's name joined to it (upstream_timeout)."""
+    here = path.split("[", 1)[0].split(".", 1)[0]
+    parts = name.lower().split("_")
+    for section, keys in SECTIONS.items():
+        if section == here or (section == "routes" and path.startswith("routes")):
+            continue
+        names = (section, section.removesuffix("s"))
+        joined = {
+            "_".join(parts[:-1]) if parts[-1] in names else None,
+            "_".join(parts[1:]) if parts[0] in names else None,
+        }
+        for key in keys:
+            if name == key or (len(parts) > 1 and key in joined):
+                return f"{section}.{key}" if section != "routes" else f"{key} on a route (or in defaults)"
+    return None
+
+
 def _unknown_key(problems: _Problems, key: _Node, path: str, known: tuple[str, ...]) -> None:
     name = str(key.value)
     close = difflib.get_close_matches(name, known, n=1)
-    hint = f"did you mean {close[0]!r}?" if close else "one of " + ", ".join(known)
+    moved = _elsewhere(name, path)
+    if moved is not None:
+        hint = f"this belongs elsewhere: {moved}"
+    elif close:
+        hint = f"did you mean {close[0]!r}?"
+    else:
+        hint = "one of " + ", ".join(known)
     problems.add(key, _join(path, name), f"a known key ({hint})", "an unknown key")
 
 

@@ -3,8 +3,8 @@ checked configuration is made of (`Config`, `RouteConfig`, `StoreConfig`,
 `Timeouts`, `Limits`, `Bulk`), with their defaults.
 
 Owns the field names, types, defaults and documentation of every setting.
-Imports nothing else of this package: it knows no YAML, no parsing and no
-environment. `_mask_url` lives here because `StoreConfig.masked_url` needs it.
+Imports nothing else of config/ (only `derived.VersionSource`, the shape of
+a route's `version`): it knows no YAML, no parsing and no environment. `_mask_url` lives here because `StoreConfig.masked_url` needs it.
 """
 
 from __future__ import annotations

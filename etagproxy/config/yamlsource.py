@@ -99,6 +99,40 @@ _ALIAS_EXPECTED: Final = (
 _MERGE_EXPECTED: Final = "a key name (YAML merge keys are not supported; use defaults:)"
 
 
+def _indent(line: str) -> int:
+    """Where the line's first key starts (after any "- " of a list item)."""
+    n = len(line) - len(line.lstrip(" "))
+    while line[n : n + 2] == "- ":
+        n += 2 + len(line[n + 2 :]) - len(line[n + 2 :].lstrip(" "))
+    return n
+
+
+def _spaces(n: int) -> str:
+    return "1 space" if n == 1 else f"{n} spaces"
+
+
+def _yaml_hint(text: str, index: int, problem: str) -> str:
+    """What usually causes PyYAML's `problem` at line `index` (0-based), as a
+    hint to append, or ""."""
+    lines = text.splitlines()
+    here = lines[index] if index < len(lines) else ""
+    if "\t" in here[: len(here) - len(here.lstrip()) + 1] or "'\\t'" in problem:
+        return " (YAML indents with spaces, not tabs)"
+    if "[" in here and "{" in here.split("[", 1)[1]:
+        return (
+            " (a {name} inside [...] reads as a YAML mapping: quote each item,"
+            " as in ['/sites/{id}/'], or write the list one item per line)"
+        )
+    if "block end" in problem or "mapping values are not allowed" in problem or "block mapping" in problem:
+        above = next((line for line in reversed(lines[:index]) if line.strip() and not line.lstrip().startswith("#")), "")
+        if above and _indent(above) != _indent(here):
+            return (
+                f" (check the indentation: this line's key starts after {_spaces(_indent(here))},"
+                f" the line above's after {_spaces(_indent(above))}; keys of one mapping line up)"
+            )
+    return ""
+
+
 class _Reader:
     """Turns YAML text into `_Node`s, reporting what YAML allows but a config must not."""
 
@@ -118,7 +152,8 @@ class _Reader:
                 mark = exc.problem_mark or exc.context_mark
                 line = 0 if env or mark is None else mark.line + 1
                 problem = exc.problem or exc.context or "unreadable"
-                self.problems.raw(_Node(None, where(line), line), f"invalid YAML: {problem}")
+                hint = "" if env or mark is None else _yaml_hint(text, mark.line, problem)
+                self.problems.raw(_Node(None, where(line), line), f"invalid YAML: {problem}{hint}")
                 return None
             except yaml.YAMLError as exc:
                 line = 0 if env else 1
