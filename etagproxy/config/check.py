@@ -16,7 +16,6 @@ from typing import Any
 from etagproxy.config.scalars import _Bad
 from etagproxy.config.yamlsource import _INVALID, _Invalid, _join, _Node, _Problems
 
-
 # Keys of the sections a key may have been meant for, for "did you mean
 # timeouts.upstream?" when a key is put in the wrong section. Filled by
 # build.py and build_routes.py as they define their sections.
