@@ -5,6 +5,7 @@
     relay.delay(up=0.3, down=0.3)         # +300 ms each way
     relay.blackhole()                     # both ways; blackhole(down=False): client->server only
     relay.heal()                          # no delay, nothing held
+    relay.sever()                         # today's connections go silent for good
     await relay.close()
 
 `up` is client -> server (commands to Redis), `down` server -> client
@@ -23,6 +24,10 @@ connection through the relay at once.
   outlasts TCP's retries ends in a reset, which is a different fault.)
 - A connection opened during a blackhole is accepted, and its bytes are
   held like the others'.
+- `sever()`: the network forgets the connections open now, as a NAT or
+  stateful firewall does when it drops its state for them: from then on
+  their bytes are dropped both ways, for good, and still nothing is closed
+  or reset. Connections opened later flow.
 
 Held bytes are buffered in the relay without bound, which is fine for the
 seconds a test holds them. `stats` counts what went through, per direction.
@@ -51,6 +56,8 @@ class Flow:
     """Bytes written on."""
     held: int = 0
     """Bytes that arrived while the direction was blackholed."""
+    dropped: int = 0
+    """Bytes of severed connections, dropped."""
     _open: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -73,6 +80,7 @@ class _Pipe:
         self.src, self.dst = src, dst
         self.queue: deque[tuple[float, bytes]] = deque()  # b"" is EOF
         self.ready = asyncio.Event()
+        self.severed = False
 
     async def read(self) -> None:
         loop = asyncio.get_running_loop()
@@ -101,6 +109,9 @@ class _Pipe:
                 continue  # re-check the blackhole after sleeping
             await self.flow._open.wait()
             self.queue.popleft()
+            if self.severed:
+                self.flow.dropped += len(data)
+                continue
             if not data:
                 with contextlib.suppress(OSError):
                     if self.dst.can_write_eof():
@@ -125,6 +136,7 @@ class TcpRelay:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._pipes: set[_Pipe] = set()
 
     @property
     def url(self) -> str:
@@ -147,12 +159,20 @@ class TcpRelay:
         self.delay(up=0.0, down=0.0)
         self.blackhole(up=False, down=False)
 
+    def sever(self) -> int:
+        """Drop every byte of the connections open now, from now on, both
+        ways, without closing them; returns how many there were."""
+        for pipe in self._pipes:
+            pipe.severed = True
+        return len(self._pipes) // 2
+
     @property
     def stats(self) -> dict[str, int]:
         return {
             "connections": self.connections,
             "up_bytes": self.up.relayed, "down_bytes": self.down.relayed,
             "up_held": self.up.held, "down_held": self.down.held,
+            "up_dropped": self.up.dropped, "down_dropped": self.down.dropped,
         }
 
     async def start(self) -> TcpRelay:
@@ -170,6 +190,7 @@ class TcpRelay:
             return
         self._writers.add(swriter)
         pipes = (_Pipe(self.up, creader, swriter), _Pipe(self.down, sreader, cwriter))
+        self._pipes.update(pipes)
         tasks = [asyncio.ensure_future(job) for pipe in pipes for job in (pipe.read(), pipe.write())]
         for task in tasks:
             self._tasks.add(task)
@@ -179,6 +200,7 @@ class TcpRelay:
         except (OSError, asyncio.CancelledError):
             pass
         finally:
+            self._pipes.difference_update(pipes)
             for writer in (cwriter, swriter):
                 writer.transport.abort()
                 self._writers.discard(writer)
