@@ -50,13 +50,6 @@ that waited on something the proxy's deadlines do not bound."""
 # -- the relay itself --------------------------------------------------------------
 
 
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(1024):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
-
-
 async def _round_trip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> float:
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -117,7 +110,19 @@ async def test_relay_delays_each_direction_and_blackholes_without_closing():
         assert relay.stats["up_held"] == 2 and relay.stats["down_held"] == 1  # c, d; e
         sock = writer.get_extra_info("socket")
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+
+        # Severed: this connection stays open and silent for good; a new one flows.
+        assert relay.sever() == 1
+        writer.write(b"f")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await reader.read(1)
+        assert b"f" not in received and not reader.at_eof()
+        fresh_reader, fresh_writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        assert await _round_trip(fresh_reader, fresh_writer, b"g") < 0.05
+        assert relay.stats["up_dropped"] == 1
         writer.close()
+        fresh_writer.close()
 
 
 # -- scenarios ------------------------------------------------------------------------
@@ -130,15 +135,14 @@ class Fault:
     seconds: float
     relays: str = "all"
     """"all", or "first": only the first replica's path to Redis."""
+    heal: Callable[[TcpRelay], None] = TcpRelay.heal
 
 
-@dataclass
-class Run:
-    row_errors: dict[str, int]
-    recovery_s: float
-    acked_during_fault: int
-    slowest_ms: float
-    statuses: Counter[str]
+def _forget_and_heal(relay: TcpRelay) -> None:
+    """The partition ends, but the network forgot the connections through
+    it: they stay silent for good (no reset); new ones flow."""
+    relay.sever()
+    relay.heal()
 
 
 def _slowest(procs: Sequence[ProxyProcess]) -> tuple[float, Counter[str], dict]:
@@ -165,7 +169,7 @@ async def _scenario(fault: Fault, redis: RedisServer, proxies: StartProxies) -> 
                     fault.apply(relay)
                 await asyncio.sleep(fault.seconds)  # the fault's duration
                 for relay in faulty:
-                    relay.heal()
+                    fault.heal(relay)
                 healed, at_heal = clock(), ledger.acked()
                 await ledger.wait_until(lambda: ledger.acked() > at_heal, timeout=15)
                 recovery = clock() - healed
@@ -180,6 +184,7 @@ async def _scenario(fault: Fault, redis: RedisServer, proxies: StartProxies) -> 
         fault.name, result, recovery_s=recovery,
         fault_s=fault.seconds, acked_during_fault=at_heal - before,
         slowest_request_ms=round(slowest_ms), bytes_held=held,
+        redis_connections=sum(r.connections for r in relays),
     )
     print(result.summary(), dict(statuses), slowest)
     assert result.problems == []
@@ -199,6 +204,10 @@ FAULTS = [
     Fault("Redis blackholed both ways 1.5 s", lambda r: r.blackhole(), 1.5),
     Fault("Redis blackholed proxy→Redis only 1.5 s", lambda r: r.blackhole(down=False), 1.5),
     Fault("Redis blackholed Redis→proxy only 1.5 s", lambda r: r.blackhole(up=False), 1.5),
+    Fault(
+        "Redis blackholed 1.5 s, its connections then silent for good (no reset)",
+        lambda r: r.blackhole(), 1.5, heal=_forget_and_heal,
+    ),
 ]
 LONG_FAULTS = [
     Fault("Redis +2 s each way 3 s", _latency(2.0), 3.0),
