@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+from collections.abc import Callable
 
 import pytest
 
@@ -194,3 +197,73 @@ async def test_one_deadline_covers_the_second_attempt_and_its_reconnect():
             await done.wait()
         server.close()
         await server.wait_closed()
+
+
+async def _fake_server(answer: Callable[[int, int], float | None]) -> tuple[asyncio.Server, list[asyncio.StreamWriter]]:
+    """A server that answers INFO at connect, then each PING (the n-th on
+    connection c) with +PONG `answer(c, n)` seconds after it arrived, in
+    order as Redis does, or never again (None)."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        c = len(connections)
+        await reader.readuntil(b"server\r\n")
+        writer.write(b"$19\r\nrun_id:0123456789ab\r\n")
+        loop = asyncio.get_running_loop()
+        n, last = 0, 0.0
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"PING\r\n")
+                n += 1
+                delay = answer(c, n)
+                if delay is None:
+                    last = math.inf
+                if last < math.inf:
+                    last = max(last, loop.time() + delay)
+                    loop.call_at(last, writer.write, b"+PONG\r\n")
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, connections
+
+
+async def test_a_connection_gone_silent_is_abandoned_and_the_next_command_reconnects():
+    """Nothing comes back on the first connection after its first reply, and
+    nothing closes it (a network that dropped it silently): the command
+    times out, and the next one goes out on a new connection."""
+    server, connections = await _fake_server(lambda c, n: 0 if c > 1 or n == 1 else None)
+    client = RespClient("127.0.0.1", server.sockets[0].getsockname()[1], timeout=0.2)
+    try:
+        assert await client.execute("PING") == b"PONG"
+        with pytest.raises(TimeoutError):
+            await client.execute("PING")
+        assert await client.execute("PING") == b"PONG"
+        assert len(connections) == 2
+    finally:
+        await client.close()
+        server.close()
+        for writer in connections:
+            writer.transport.abort()
+
+
+async def test_a_slow_server_still_answering_keeps_its_connection():
+    """Two commands go out together; the first is answered in time, the
+    second late: it times out, but the connection was heard from while it
+    waited and is kept (reconnecting would not make a slow server faster).
+    The third gets its own reply, after the second's late one."""
+    server, connections = await _fake_server(lambda c, n: {2: 0.2, 3: 0.45}.get(n, 0))
+    client = RespClient("127.0.0.1", server.sockets[0].getsockname()[1], timeout=0.3)
+    try:
+        assert await client.execute("PING") == b"PONG"  # connected
+        first = asyncio.ensure_future(client.execute("PING"))
+        second = asyncio.ensure_future(client.execute("PING"))
+        assert await first == b"PONG"
+        with pytest.raises(TimeoutError):
+            await second
+        assert await client.execute("PING") == b"PONG"
+        assert len(connections) == 1
+    finally:
+        await client.close()
+        server.close()
+        for writer in connections:
+            writer.transport.abort()

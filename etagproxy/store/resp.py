@@ -28,7 +28,15 @@ what the store needs:
   with `TimeoutError`; a reply that comes later is read and dropped. One
   timer per connection enforces it, armed for the earliest deadline: a
   timer per command (`asyncio.timeout`) costs more than the rest of the
-  call.
+  call;
+- a connection on which nothing at all arrived for as long as a command
+  it carries has been waiting past its deadline is abandoned (closed, its
+  other commands failed with `RespError`, so they are sent again on a new
+  one): a connection a network dropped silently (a NAT or firewall that
+  forgot it, a partition) sends no reset, and TCP may take many minutes
+  to notice, while a new connection would get through. A server that is
+  merely slow keeps its connection: it is still answering earlier
+  commands.
 
 Cluster and Sentinel discovery stay with redis-py; a Sentinel-resolved
 master could use this client too.
@@ -76,8 +84,10 @@ class _Protocol(asyncio.Protocol):
         self.reader = hiredis.Reader(replyError=ReplyError)
         self.transport: asyncio.Transport | None = None
         self.waiters: collections.deque[asyncio.Future[object]] = collections.deque()
-        # (deadline, future) per command sent with a timeout, oldest first.
-        self.deadlines: collections.deque[tuple[float, asyncio.Future[object]]] = collections.deque()
+        # (deadline, sent, future) per command sent with a timeout, oldest first.
+        self.deadlines: collections.deque[tuple[float, float, asyncio.Future[object]]] = collections.deque()
+        self.heard = loop.time()
+        """When bytes last arrived (or the connection opened)."""
         self.watchdog: asyncio.TimerHandle | None = None
         self.watchdog_at = math.inf
         self.lost = False
@@ -94,6 +104,7 @@ class _Protocol(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        self.heard = self.loop.time()
         reader = self.reader
         reader.feed(data)
         waiters = self.waiters
@@ -118,7 +129,7 @@ class _Protocol(asyncio.Protocol):
 
     def expect_by(self, deadline: float, fut: asyncio.Future[object]) -> None:
         """Fail `fut` with TimeoutError if it is still unanswered at `deadline`."""
-        self.deadlines.append((deadline, fut))
+        self.deadlines.append((deadline, self.loop.time(), fut))
         if deadline < self.watchdog_at:
             self._watch(deadline)
 
@@ -136,18 +147,23 @@ class _Protocol(asyncio.Protocol):
         self.watchdog = None
         self.watchdog_at = math.inf
         now = self.loop.time()
-        waiting: collections.deque[tuple[float, asyncio.Future[object]]] = collections.deque()
+        waiting: collections.deque[tuple[float, float, asyncio.Future[object]]] = collections.deque()
         earliest = math.inf
-        for deadline, fut in self.deadlines:
+        silent = False
+        for deadline, sent, fut in self.deadlines:
             if fut.done():
                 continue
             if deadline <= now:
                 fut.set_exception(TimeoutError())
+                # Nothing arrived since it was sent, for its whole timeout.
+                silent = silent or self.heard < sent
                 continue
-            waiting.append((deadline, fut))
+            waiting.append((deadline, sent, fut))
             earliest = min(earliest, deadline)
         self.deadlines = waiting
-        if waiting:
+        if silent:
+            self._fail(RespError("no reply and nothing else from the server in time: connection abandoned"))
+        elif waiting:
             self._watch(earliest)
 
     def queue(self, data: bytes) -> None:
