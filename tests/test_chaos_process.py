@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -22,7 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.chaos_rows import long_scenario, report
+from tests.chaos_rows import report
 from tests.counter_clients import Ledger, Span, audit, client_session, increment_until, read_counter, write_counter
 from tests.fault_upstream import FaultUpstream, Hold, running_upstream
 from tests.ports import free_port
@@ -31,7 +30,6 @@ from tests.redis_fixtures import RedisServer
 
 CLIENTS = 16
 KEYS = ("k0", "k1", "k2", "k3")
-chaos = [pytest.mark.slow, pytest.mark.redis, pytest.mark.chaos]
 
 
 def lease_s(upstream_s: float, store_s: float = 0.2) -> float:
