@@ -98,8 +98,13 @@ class ProxyServer:
             max_headers=cfg.limits.max_headers,
             auto_decompress=False,
         )
+        # aiohttp's shutdown waits `shutdown_timeout` for handlers, then
+        # marks the request cancelled (which only a handler still reading
+        # the body notices) and waits `shutdown_timeout` again before it
+        # cancels them: a drain takes up to twice the value. Half the
+        # budget each keeps a request cut by the drain within the budget.
         self._runner = web.ServerRunner(
-            server, handle_signals=False, shutdown_timeout=cfg.timeouts.shutdown
+            server, handle_signals=False, shutdown_timeout=cfg.timeouts.shutdown / 2
         )
         await self._runner.setup()
         host, port = cfg.listen
@@ -174,6 +179,11 @@ class ProxyServer:
 
     async def _readyz(self, request: web.Request) -> web.Response:
         """Readiness: not draining, and the store answers a PING in time."""
+        # A SIGTERM delivered before this probe was sent may still sit in
+        # the loop's signal pipe: its callback was queued in the same pass
+        # as this request's bytes, behind this handler. Yield once so it
+        # runs (and sets `draining`) first.
+        await asyncio.sleep(0)
         if self.draining:
             return web.json_response({"status": "draining"}, status=503)
         assert self.store is not None

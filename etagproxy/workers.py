@@ -223,8 +223,10 @@ class Supervisor:
     def _stop(self) -> int:
         self.stopping = True
         self._exit_code = 0
-        log.info("stopping: draining %d workers", sum(1 for s in self.slots if s.pid))
+        # Forward first, log after: until a worker has the signal, its
+        # /readyz still answers 200.
         self._signal_all(signal.SIGTERM)
+        log.info("stopping: draining %d workers", sum(1 for s in self.slots if s.pid))
         deadline = time.monotonic() + self.config.timeouts.shutdown + STOP_MARGIN_S
         while any(s.pid for s in self.slots):
             left = deadline - time.monotonic()

@@ -268,10 +268,22 @@ class Writes:
                 if exc.sent:
                     await self.after.invalidate(ex, match, route_fields(match, body))
             return self.io.upstream_failed(ex, exc)
+        except asyncio.CancelledError:
+            if not ended:
+                # Cut by the shutdown (handlers are cancelled only when the
+                # drain budget runs out) while the upstream may still hold
+                # the write: END would free the key for a second writer
+                # (another replica, or this one restarted) that the cut
+                # write, landing later, erases. The lease stays until its
+                # deadline, which outlives the upstream's; the next BEGIN
+                # after it treats the outcome as unknown, as after a crash.
+                ended = True
+                ex.decision = "cut_by_shutdown"
+            raise
         finally:
             if not ended:
-                # Cancelled or crashed between BEGIN and END: the outcome is
-                # unknown, so the token must move on.
+                # Crashed between BEGIN and END: the outcome is unknown, so
+                # the token must move on.
                 await self.leases.end(ex, match.key, owner, Outcome.UNKNOWN)
 
     async def _forward_unchecked(

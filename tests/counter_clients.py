@@ -35,13 +35,14 @@ import json
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from tests.fault_upstream import PREFIX, FaultUpstream
 
-__all__ = ["Ack", "Audit", "Ledger", "acknowledged", "audit", "bypass_until", "increment_until", "read_counter", "write_counter"]
+__all__ = ["Ack", "Audit", "Ledger", "Span", "acknowledged", "audit", "client_session", "bypass_until", "increment_until", "read_counter", "write_counter"]
 
 # A write answered with one of these was decided before anything was forwarded.
 NOT_FORWARDED = frozenset({409, 412, 428, 503})
@@ -66,6 +67,19 @@ class Ack:
     303 (its validators would describe the redirect)."""
     via: str
     status: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One client request: when it was sent and answered (loop time), and
+    how (status, or the exception's name)."""
+
+    client: str
+    method: str
+    key: str
+    began: float
+    ended: float
+    outcome: str
 
 
 @dataclass
@@ -122,6 +136,21 @@ class Ledger:
                 await tick.wait()
 
 
+def client_session(**kw: Any) -> aiohttp.ClientSession:
+    """An aiohttp session that never resends a request on its own.
+
+    aiohttp resends an idempotent request (GET, PUT, DELETE) once when its
+    connection breaks (ServerDisconnectedError, ClientOSError), new
+    connection or not. A PUT that reached the upstream before the proxy
+    died would then be answered by its resend (409 or 412: the proxy
+    refuses a stale resend), and the ledger would record a refusal for a
+    write that landed. The clients here must see the reset: the write's
+    outcome is unknown to them."""
+    session = aiohttp.ClientSession(**kw)
+    session._retry_connection = False  # no public switch as of aiohttp 3.14
+    return session
+
+
 async def read_counter(
     session: aiohttp.ClientSession, base: str, key: str
 ) -> tuple[int, int, str | None]:
@@ -155,20 +184,32 @@ async def increment_until(
     name: str,
     seed: int,
     timeout: float = 10.0,
+    spans: list[Span] | None = None,
 ) -> None:
     """One client: GET -> PUT value + 1 with If-Match, again and again until
     `stop`. Each request goes to a proxy picked at random from `bases`, so a
-    read and the write based on it usually cross replicas."""
+    read and the write based on it usually cross replicas. With `spans`,
+    every request is appended to it once answered (or failed)."""
     rng = random.Random(seed)
     n = 0
     client_timeout = aiohttp.ClientTimeout(total=timeout)
-    async with aiohttp.ClientSession(timeout=client_timeout) as session:
+    clock = asyncio.get_running_loop().time
+
+    def span(method: str, key: str, began: float, outcome: str) -> None:
+        if spans is not None:
+            spans.append(Span(name, method, key, began, clock(), outcome))
+
+    async with client_session(timeout=client_timeout) as session:
         while not stop.is_set():
             key = keys(rng)
+            began = clock()
             try:
                 status, value, etag = await read_counter(session, rng.choice(bases), key)
-            except (aiohttp.ClientError, TimeoutError):
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 status, etag = 0, None
+                span("GET", key, began, type(exc).__name__)
+            else:
+                span("GET", key, began, str(status))
             if status == 200:
                 ledger.record_read(etag)
             if etag is None:
@@ -179,11 +220,14 @@ async def increment_until(
             n += 1
             write = f"{name}.{n}"
             base = rng.choice(bases)
+            began = clock()
             try:
                 put_status, new_tag = await write_counter(session, base, key, value + 1, etag, write)
             except (aiohttp.ClientError, TimeoutError) as exc:
+                span("PUT", key, began, type(exc).__name__)
                 ledger.record_write(key, write, value + 1, etag, base, None, None, type(exc).__name__)
             else:
+                span("PUT", key, began, str(put_status))
                 ledger.record_write(key, write, value + 1, etag, base, put_status, new_tag)
                 if put_status == 412 or acknowledged(put_status):
                     continue
