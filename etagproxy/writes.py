@@ -6,8 +6,10 @@ tracked route (DESIGN §2).
 version from the upstream the verify read, then one forward with a hard
 deadline (`_forward_write`), then END by the outcome (`outcome.py`: 2xx and
 303 commit a new version, 4xx keep the old one, anything else replaces it),
-shielded from cancellation. A write that fails its precondition is answered
-by `_precondition_failed` without reaching the upstream.
+shielded from cancellation; after a timeout END waits until the lease is
+nearly over (`LATE_HOLD_S`), since the API may still apply the write. A
+write that fails its precondition is answered by `_precondition_failed`
+without reaching the upstream.
 """
 
 from __future__ import annotations
@@ -45,9 +47,12 @@ from etagproxy.store.base import (
     evaluate_write,
 )
 from etagproxy.target import Target, TargetError, canonicalize
-from etagproxy.upstream import UpstreamError, body_errors, map_body_error
+from etagproxy.upstream import UpstreamError, UpstreamTimeout, body_errors, map_body_error
 
 REPLAY_MAX = 1 << 20  # write responses up to this size are recorded for Idempotency-Key replays
+LATE_HOLD_S = 0.9
+"""How long past the upstream deadline a timed-out write keeps its lease:
+most of the lease's 1 s margin (`lease_ms`), so END still lands in time."""
 BULK_METHODS = frozenset({"PUT", "PATCH", "DELETE"})  # on a bulk route, a JSON array body names members
 # The `authorize: upstream` probe carries the caller's credentials, not its body.
 AUTHORIZE_DROP = frozenset(
@@ -513,6 +518,7 @@ class Writes:
         cfg: RouteConfig = match.route.config
         ended = False
         t0 = time.perf_counter()
+        sent_at = self.io.loop.time()
         try:
             async with self.io.send(match, target, request.method, headers, body, whole=True) as up:  # type: ignore[attr-defined]
                 self.io.upstream_timing(ex, t0, up.status)
@@ -589,6 +595,14 @@ class Writes:
         except UpstreamError as exc:
             if not ended:
                 ended = True
+                if isinstance(exc, UpstreamTimeout):
+                    # The API may still be applying the write it was sent:
+                    # keep the resource until the lease is nearly over, so
+                    # that a write applied late still lands before the next
+                    # one is forwarded. The client is answered now.
+                    hold_until = sent_at + self.io.config.timeouts.upstream + LATE_HOLD_S
+                    self.io.spawn(self._end_unknown_at(ex, match, owner, body, hold_until))
+                    return self.io.upstream_failed(ex, exc)
                 await self._end(ex, match.key, owner, Outcome.UNKNOWN if exc.sent else Outcome.REJECTED)
                 if exc.sent:
                     await self._invalidate(ex, match, self._fields(match, body))
@@ -598,6 +612,14 @@ class Writes:
                 # Cancelled or crashed between BEGIN and END: the outcome is
                 # unknown, so the token must move on.
                 await self._end(ex, match.key, owner, Outcome.UNKNOWN)
+
+    async def _end_unknown_at(self, ex: Exchange, match: Match, owner: str, body: bytes, when: float) -> None:
+        """END a timed-out write as an unknown outcome at `when` (loop time).
+        Cancelled first (shutdown), it leaves the lease to expire, which
+        replaces the token too."""
+        await asyncio.sleep(max(0.0, when - self.io.loop.time()))
+        await self._end(ex, match.key, owner, Outcome.UNKNOWN)
+        await self._invalidate(ex, match, self._fields(match, body))
 
     async def _store_replay(
         self, ex: Exchange, key: str, idem: str, record: Replay, cfg: RouteConfig
