@@ -188,6 +188,7 @@ async def _run(redis: RedisServer, proxies: StartProxies, *, acked: int, each: i
     at_deadline = up.injected[RawFault.AT_DEADLINE]
     deadline_timeouts = timeouts - up.injected[RawFault.CONTINUE_SILENT] - up.injected[RawFault.LATE]
     minted_unknown = metric(samples, "etagproxy_tokens_minted_total", cause="unknown_outcome")
+    lease_lost = metric(samples, "etagproxy_lease_lost_total")
     report(
         name, result,
         truncated=up.injected[RawFault.TRUNCATED], bad_status=up.injected[RawFault.BAD_STATUS],
@@ -216,6 +217,8 @@ async def _run(redis: RedisServer, proxies: StartProxies, *, acked: int, each: i
     # Each 502 and 504 replaced the token (the truncated 2xx and the
     # aborted writes committed a new one as writes).
     assert minted_unknown == unknown_kinds["502"] + unknown_kinds["504"]
+    # A timed-out write holds its lease past the deadline, never past the lease.
+    assert lease_lost == 0
     # The late writes did land after the proxy had given up on them.
     assert up.landed_after_give_up == up.injected[RawFault.LATE]
     # No proxy waited past its deadline, and none kept a connection it gave up on.
