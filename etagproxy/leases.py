@@ -22,6 +22,11 @@ from etagproxy.store.base import (
 )
 
 
+LATE_HOLD_S = 0.9
+"""How long past the upstream deadline a timed-out write keeps its lease:
+most of the lease's 1 s margin (`lease_ms`), so END still lands in time."""
+
+
 def lease_ms(config: Config) -> int:
     """How long a write holds its resource.
 

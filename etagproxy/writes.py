@@ -6,7 +6,9 @@ tracked route (DESIGN §2).
 for a version from the upstream the verify read (refusals.py), then one
 forward with a hard deadline (`_forward_write`), then END by the outcome
 (`outcome.py`: 2xx and 303 commit a new version, 4xx keep the old one,
-anything else replaces it), shielded from cancellation (leases.py). What
+anything else replaces it), shielded from cancellation (leases.py); after
+a timeout END waits until the lease is nearly over (`leases.LATE_HOLD_S`),
+since the API may still apply the write. What
 the write changes beyond its key is after_write.py's; a write that fails its
 precondition is answered by refusals.py without reaching the upstream.
 """
@@ -29,7 +31,7 @@ from etagproxy.etag import make_etag
 from etagproxy.exchange import Exchange
 from etagproxy.forwarding import REQUEST_DROP_TRACKED, RESPONSE_DROP_TRACKED, BodyTooLarge, Forwarding
 from etagproxy.httpdate import format_http_date
-from etagproxy.leases import Leases, lease_ms
+from etagproxy.leases import LATE_HOLD_S, Leases, lease_ms
 from etagproxy.outcome import validators_allowed, write_outcome
 from etagproxy.preconditions import Conditionals, write_condition
 from etagproxy.problems import problem
@@ -45,7 +47,7 @@ from etagproxy.store.base import (
     WriteCondition,
 )
 from etagproxy.target import Target
-from etagproxy.upstream import UpstreamError, body_errors, map_body_error
+from etagproxy.upstream import UpstreamError, UpstreamTimeout, body_errors, map_body_error
 
 __all__ = ["Writes", "lease_ms"]
 
@@ -111,6 +113,7 @@ class Writes:
             # A version from the upstream is checked against the upstream
             # below; the store's lease still serialises the proxy's writes.
             stored = wcond if cfg.version is None else WriteCondition()
+            asked_at = self.io.loop.time()
             begun = await self.io.timed_store(
                 ex, "begin", self.io.store.begin(match.key, stored, owner, self.leases.lease_ms, self.leases.wait_ms)
             )
@@ -179,15 +182,18 @@ class Writes:
             if ex.upstream_validator is not None:
                 # The upstream re-checks the version under its own lock.
                 headers["If-Match"] = ex.upstream_validator
-        return await self._forward_write(request, ex, target, match, headers, body, owner, cond)
+        # The lease runs from no earlier than BEGIN's call plus its wait.
+        lease_ends = asked_at + (begun.waited_ms + self.leases.lease_ms) / 1000  # type: ignore[attr-defined]
+        return await self._forward_write(request, ex, target, match, headers, body, owner, cond, lease_ends)
 
     async def _forward_write(
         self, request: web.BaseRequest, ex: Exchange, target: Target, match: Match,
-        headers: CIMultiDict[str], body: bytes, owner: str, cond: Conditionals,
+        headers: CIMultiDict[str], body: bytes, owner: str, cond: Conditionals, lease_ends: float,
     ) -> web.StreamResponse:
         cfg: RouteConfig = match.route.config
         ended = False
         t0 = time.perf_counter()
+        sent_at = self.io.loop.time()
         try:
             async with self.io.send(match, target, request.method, headers, body, whole=True) as up:  # type: ignore[attr-defined]
                 self.io.upstream_timing(ex, t0, up.status)
@@ -264,6 +270,14 @@ class Writes:
         except UpstreamError as exc:
             if not ended:
                 ended = True
+                if isinstance(exc, UpstreamTimeout):
+                    # The API may still be applying the write it was sent:
+                    # keep the resource until the lease is nearly over, so
+                    # that a write applied late still lands before the next
+                    # one is forwarded. The client is answered now.
+                    hold_until = min(sent_at + self.io.config.timeouts.upstream + LATE_HOLD_S, lease_ends - 0.1)
+                    self.io.spawn(self._end_unknown_at(ex, match, owner, body, hold_until))
+                    return self.io.upstream_failed(ex, exc)
                 await self.leases.end(ex, match.key, owner, Outcome.UNKNOWN if exc.sent else Outcome.REJECTED)
                 if exc.sent:
                     await self.after.invalidate(ex, match, route_fields(match, body))
@@ -285,6 +299,14 @@ class Writes:
                 # Crashed between BEGIN and END: the outcome is unknown, so
                 # the token must move on.
                 await self.leases.end(ex, match.key, owner, Outcome.UNKNOWN)
+
+    async def _end_unknown_at(self, ex: Exchange, match: Match, owner: str, body: bytes, when: float) -> None:
+        """END a timed-out write as an unknown outcome at `when` (loop time).
+        Cancelled first (shutdown), it leaves the lease to expire, which
+        replaces the token too."""
+        await asyncio.sleep(max(0.0, when - self.io.loop.time()))
+        await self.leases.end(ex, match.key, owner, Outcome.UNKNOWN)
+        await self.after.invalidate(ex, match, route_fields(match, body))
 
     async def _forward_unchecked(
         self, request: web.BaseRequest, ex: Exchange, target: Target, match: Match,

@@ -171,6 +171,17 @@ class FaultUpstream:
     def value(self, key: str) -> int:
         return self.values.get(key, 0)
 
+    def note_read(self, rid: str | None) -> None:
+        """Count a read; `rid` (its X-Request-ID) timestamps it in `read_at`."""
+        self.reads += 1
+        if rid is not None:
+            self.read_at[rid] = asyncio.get_running_loop().time()
+
+    def apply(self, key: str, write: str, value: int) -> None:
+        """Apply one PUT's write, with the lost-update bookkeeping (for a
+        server in front of this one's state, e.g. tests/raw_counter_upstream.py)."""
+        self._apply(key, write, value)
+
     def _apply(self, key: str, write: str, value: int) -> None:
         previous = self.values.get(key, 0)
         live = self._live.setdefault(key, [])
@@ -201,10 +212,7 @@ class FaultUpstream:
             return web.Response(status=404)
         key = path[len(PREFIX):]
         if request.method in ("GET", "HEAD"):
-            self.reads += 1
-            rid = request.headers.get("X-Request-ID")
-            if rid is not None:
-                self.read_at[rid] = asyncio.get_running_loop().time()
+            self.note_read(request.headers.get("X-Request-ID"))
             return self._document(key)
         if request.method == "POST":
             return await self._bypass(request, key)

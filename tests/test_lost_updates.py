@@ -603,7 +603,8 @@ async def test_a_write_the_upstream_applies_after_the_deadline_is_the_residual_r
     redis_server: RedisServer, proxies: StartProxies
 ):
     """The upstream keeps a write past the proxy's deadline and applies it
-    after the proxy has answered 504 and released the key. Nothing a proxy
+    after the proxy has answered 504 and released the key (which it holds
+    0.9 s past the deadline: leases.LATE_HOLD_S). Nothing a proxy
     can do from outside stops that late write; what it can do is what is
     checked here: the late write is one whose client was told the outcome
     is unknown, and the proxy counted it (upstream timeout, token minted for

@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 
 from tests.proxy_fixtures import RecordingUpstream
+from tests.raw_counter_upstream import RawCounterUpstream, RawFault, running_raw_upstream
 from tests.ports import free_port
 
 TRACKED = """
@@ -397,6 +398,40 @@ async def test_slow_upstream_is_504_and_a_write_loses_its_token(make_proxy, reco
         async with s.put(proxy.url + "/r/1", data=b"x", headers={"If-Match": tag}) as r:
             assert r.status == 412, "a timed-out write may have landed: its token must not validate"
     never.set()
+
+
+async def test_a_timed_out_write_keeps_its_lease_so_a_late_landing_precedes_the_next_write(make_proxy):
+    """An API that carries on after the proxy gave up applies the write
+    late. Until the lease is nearly over no read gets a validator, so no
+    write computed from the state before that landing can be validated."""
+    up = RawCounterUpstream(late_s=0.6)
+    async with running_raw_upstream(up):
+        proxy = await make_proxy(
+            "upstream: {upstream}\ntimeouts: {upstream: 300ms, write_wait: 3s}\n"
+            "routes:\n  - path: /counters/{id}\n",
+            upstream=up.url,
+        )
+        loop = asyncio.get_running_loop()
+        async with aiohttp.ClientSession() as s:
+            async with s.get(proxy.url + "/counters/k") as r:
+                tag = r.headers["ETag"]
+            up.force["late"] = RawFault.LATE
+            async with s.put(proxy.url + "/counters/k", json={"value": 1, "write": "late"}, headers={"If-Match": tag}) as r:
+                assert r.status == 504 and "ETag" not in r.headers
+            answered = loop.time()
+            while True:
+                async with s.get(proxy.url + "/counters/k") as r:
+                    fresh, doc = r.headers.get("ETag"), await r.json()
+                if fresh is not None:
+                    break
+                await asyncio.sleep(0.02)
+            # The first validator after the 504 came once the late write had
+            # landed, and describes it; the lease ran past the deadline.
+            assert "late" in up.book.applied and doc["value"] == 1
+            assert loop.time() - answered > 0.6
+            async with s.put(proxy.url + "/counters/k", json={"value": 2, "write": "next"}, headers={"If-Match": fresh}) as r:
+                assert r.status == 200
+    assert up.book.stale == []
 
 
 async def raw_exchange(url: str, request: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
