@@ -270,12 +270,13 @@ class Writes:
         except UpstreamError as exc:
             if not ended:
                 ended = True
-                if isinstance(exc, UpstreamTimeout):
+                hold_until = min(sent_at + self.io.config.timeouts.upstream + LATE_HOLD_S, lease_ends - 0.1)
+                if isinstance(exc, UpstreamTimeout) and hold_until > self.io.loop.time():
                     # The API may still be applying the write it was sent:
                     # keep the resource until the lease is nearly over, so
                     # that a write applied late still lands before the next
-                    # one is forwarded. The client is answered now.
-                    hold_until = min(sent_at + self.io.config.timeouts.upstream + LATE_HOLD_S, lease_ends - 0.1)
+                    # one is forwarded. The client is answered now. (A
+                    # lease already over, as after a stall, ends at once.)
                     self.io.spawn(self._end_unknown_at(ex, match, owner, body, hold_until))
                     return self.io.upstream_failed(ex, exc)
                 await self.leases.end(ex, match.key, owner, Outcome.UNKNOWN if exc.sent else Outcome.REJECTED)
