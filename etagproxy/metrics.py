@@ -20,6 +20,7 @@ owning the admin port and proxying probes to workers.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import platform
@@ -246,7 +247,7 @@ class PoolProcesses:
     def collect(self) -> Iterator[Metric]:
         totals: dict[str, tuple[Metric, float]] = {}
         for pid in self.pids():
-            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+            for family in ProcessCollector(pid=functools.partial(int, pid), registry=None).collect():
                 for sample in family.samples:
                     seen = totals.get(sample.name)
                     if seen is None:

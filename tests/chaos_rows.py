@@ -5,8 +5,10 @@ A scenario test ends with `report(name, audit, ...)`: the row is printed
 appended to it as one JSON line. `python -m bench.chaos` runs the scenarios
 and turns those lines into the table of docs/RELIABILITY.md.
 
-A row's `lost` is the audit's stale writes the upstream applied over an
-acknowledged proxied write; `problems` is every broken promise the audit
+A row's `lost` is the number of stale writes the upstream applied over a
+proxied write (the audit's "lost update" problems; a stale write that only
+erased writes made straight at the API, bypassing the proxy, is counted in
+the run's notes instead); `problems` is every broken promise the audit
 found (tests/counter_clients.py), and a scenario asserts it is empty. The
 other columns are what make a 0 meaningful: how much was acknowledged,
 what the clients saw, and how long recovery took.
@@ -59,7 +61,7 @@ def report(
     row = Row(
         scenario=scenario,
         acked=result.acknowledged,
-        lost=result.stale,
+        lost=sum(1 for p in result.problems if p.startswith("lost update")),
         erased=result.erased,
         landed_unacknowledged=result.landed_unacknowledged,
         chain_problems=sum(1 for p in result.problems if "chain" in p or "validated" in p or "handed out" in p),

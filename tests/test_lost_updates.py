@@ -119,6 +119,7 @@ def test_audit_catches_a_forked_chain_and_a_write_that_leaked_past_a_412():
 
 @pytest.mark.slow
 @pytest.mark.redis
+@pytest.mark.chaos
 async def test_two_replicas_sixteen_clients_lose_no_update(redis_server: RedisServer, proxies: StartProxies):
     ledger = Ledger()
     async with running_upstream(FaultUpstream()) as up:
@@ -126,7 +127,7 @@ async def test_two_replicas_sixteen_clients_lose_no_update(redis_server: RedisSe
         async with workload(ledger, [p.url for p in procs]):
             await ledger.wait_until(lambda: ledger.acked() >= 600, timeout=30)
     result = audit(up, ledger, whole_chain=True)
-    print(result.summary())
+    report("2 replicas x 16 clients, no fault (baseline)", result, status_412=ledger.outcomes["412"])
     assert result.problems == []
     assert result.stale == 0
     assert result.final_total == result.acknowledged >= 600
@@ -211,6 +212,7 @@ PLAN = tuple(x for fault in FAULTS for x in (*(Fault.NONE,) * 7, fault))
 
 @pytest.mark.slow
 @pytest.mark.redis
+@pytest.mark.chaos
 async def test_upstream_errors_resets_and_timeouts_lose_no_update(redis_server: RedisServer, proxies: StartProxies):
     ledger = Ledger()
     # Answers slower than the proxy's 500 ms deadline.
@@ -221,7 +223,10 @@ async def test_upstream_errors_resets_and_timeouts_lose_no_update(redis_server: 
                 lambda: ledger.acked() >= 500 and all(up.injected[f] >= 3 for f in FAULTS), timeout=30
             )
     result = audit(up, ledger)
-    print(result.summary(), dict(up.injected))
+    report(
+        "upstream 5xx, resets and timeouts on 1 write in 8", result,
+        **{f.value: up.injected[f] for f in FAULTS},
+    )
     assert result.problems == []
     assert result.stale == 0
     # Every injected fault was an unknown outcome for its client, and the
@@ -389,6 +394,7 @@ async def _bypass_run(mode: str, redis: RedisServer, proxies: StartProxies) -> B
 
 @pytest.mark.slow
 @pytest.mark.redis
+@pytest.mark.chaos
 async def test_writes_bypassing_the_proxy_are_erased_by_tokens_and_not_by_derived_versions(
     redis_server: RedisServer, proxies: StartProxies
 ):
@@ -404,7 +410,10 @@ async def test_writes_bypassing_the_proxy_are_erased_by_tokens_and_not_by_derive
     erased one."""
     runs = [await _bypass_run(mode, redis_server, proxies) for mode in MODES]
     for run in runs:
-        print(run.row(), run.result.summary())
+        report(
+            f"bypass writer straight to the API, version: {run.mode}", run.result,
+            bypass_writes=run.result.bypass_applied, erased_bypass=run.result.erased_bypass,
+        )
     token, version, checked = runs
     for run in runs:
         assert run.result.problems == [], run.mode
@@ -478,6 +487,7 @@ async def _probe_until_decided(
 
 @pytest.mark.slow
 @pytest.mark.redis
+@pytest.mark.chaos
 async def test_redis_killed_and_restarted_mid_run(redis_server: RedisServer, proxies: StartProxies):
     """While Redis is down writes fail closed (503, nothing forwarded); after
     it comes back empty, tags from before are stale (412); nothing is lost."""
@@ -496,7 +506,7 @@ async def test_redis_killed_and_restarted_mid_run(redis_server: RedisServer, pro
             await ledger.wait_until(lambda: ledger.acked() >= down_acked + 200, timeout=20)
             assert await _probe_until_decided(s, ledger, bases, "probe", value + 1, tag, "after") == 412
     result = audit(up, ledger)
-    print(result.summary())
+    report("Redis killed and restarted empty mid-run", result, pre_restart_tag="412")
     assert result.problems == []
     assert ledger.outcomes["503"] >= 2
     assert "probe" not in up.values
@@ -504,6 +514,7 @@ async def test_redis_killed_and_restarted_mid_run(redis_server: RedisServer, pro
 
 @pytest.mark.slow
 @pytest.mark.redis
+@pytest.mark.chaos
 async def test_redis_restored_from_an_older_snapshot_rejects_a_pre_snapshot_etag(
     redis_server: RedisServer, proxies: StartProxies
 ):
@@ -530,7 +541,7 @@ async def test_redis_restored_from_an_older_snapshot_rejects_a_pre_snapshot_etag
             assert await _probe_until_decided(s, ledger, bases, "held", value + 1, old_tag, "stale") == 412
             await ledger.wait_until(lambda: ledger.acked() >= restored_acked + 100, timeout=20)
     result = audit(up, ledger)
-    print(result.summary())
+    report("Redis restored from an older snapshot", result, pre_snapshot_tag="412")
     assert result.problems == []
     assert up.value("held") == 2
 
