@@ -231,7 +231,7 @@ def k8s_config() -> Config:
 def test_manifests_pass_the_kubernetes_schema(version: str):
     kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
     docs = manifests()
-    assert {d["kind"] for d in docs} == {"ConfigMap", "Deployment", "Service"}
+    assert {d["kind"] for d in docs} == {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget"}
     for doc in docs:
         # strict: an unknown or misspelt field is an error, not ignored.
         kv.validate(doc, version, strict=True)
@@ -248,6 +248,29 @@ def test_kustomization_lists_every_manifest():
         if done.returncode == 0:
             built = [d for d in yaml.safe_load_all(done.stdout) if d]
             assert len(built) == len(manifests())
+
+
+def test_disruptions_spread_and_metrics_select_the_proxy_pods():
+    deployment = find("Deployment", "inventory-api")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    pdb = find("PodDisruptionBudget", "inventory-api")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["maxUnavailable"] < deployment["spec"]["replicas"]
+    spread, = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["labelSelector"]["matchLabels"].items() <= labels.items()
+    # The metrics Service reaches the sidecar's admin port, which the
+    # config listens on; the client Service does not.
+    metrics = find("Service", "inventory-api-metrics")
+    assert metrics["spec"]["selector"].items() <= labels.items()
+    sidecar, = deployment["spec"]["template"]["spec"]["initContainers"]
+    admin = next(p["containerPort"] for p in sidecar["ports"] if p["name"] == "admin")
+    config = k8s_config()
+    assert config.admin_listen is not None and config.admin_listen[1] == admin
+    assert [p["targetPort"] for p in metrics["spec"]["ports"]] == [admin]
+    assert metrics["metadata"]["annotations"]["prometheus.io/port"] == str(admin)
+    client = find("Service", "inventory-api")
+    assert admin not in [p["targetPort"] for p in client["spec"]["ports"]]
 
 
 def test_sidecar_probes_ports_and_shutdown_budget_fit_the_config():
