@@ -98,7 +98,7 @@ def _read_source(source: str) -> str:
     if source.startswith(("http://", "https://")):
         import urllib.request
 
-        with urllib.request.urlopen(source, timeout=30) as response:  # noqa: S310 - http(s) only
+        with urllib.request.urlopen(source, timeout=30) as response:  # http(s) only: checked above
             data = response.read()
     else:
         with open(source, "rb") as f:

@@ -101,7 +101,7 @@ def _load_text(text: str, source: str) -> Any:
             raise OpenAPIError(f"{source}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+        return yaml.load(text, Loader=loader)  # a safe loader: no tags build objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -173,7 +173,7 @@ def _array_body(schema: dict[str, Any], op: dict[str, Any]) -> bool:
         return True
     kinds = shape.get("type")
     return kinds == "array" or (isinstance(kinds, list) and "array" in kinds) or any(
-        isinstance(s, dict) and _resolve(schema, s).get("type") == "array"
+        isinstance(r := _resolve(schema, s), dict) and r.get("type") == "array"
         for s in (*shape.get("oneOf", ()), *shape.get("anyOf", ()))
     )
 
@@ -216,7 +216,7 @@ def routes_from_schema(schema: dict[str, Any]) -> Generated:
             routes[template] = GeneratedRoute(template, "passthrough", {"mode": "passthrough"}, _describe(ops), raw)
         else:
             omitted.append((raw, _describe(ops)))
-    info = schema.get("info") if isinstance(schema.get("info"), dict) else {}
+    info = schema["info"] if isinstance(schema.get("info"), dict) else {}
     meta = {"title": str(info.get("title", "")), "version": str(info.get("version", "")),
             "openapi": str(schema.get("openapi")), "base": base}
     return Generated(sorted(routes.values(), key=lambda r: _order(r.path)), omitted, meta)
@@ -331,16 +331,16 @@ def counts(generated: Generated) -> dict[str, int]:
 def render(generated: Generated, *, source: str, upstream: str | None = None, command: str = "") -> str:
     """The routes YAML document, with a comment on each route saying where it came from."""
     info, n = generated.info, counts(generated)
+    base = f", server base path {info['base']}" if info["base"] else ""
     lines = [
         f"# Routes generated from {source}",
-        f"#   {info['title'] or '(untitled)'} {info['version']}, OpenAPI {info['openapi']}"
-        + (f", server base path {info['base']}" if info["base"] else ""),
+        f"#   {info['title'] or '(untitled)'} {info['version']}, OpenAPI {info['openapi']}{base}",
     ]
     if command:
         lines.append(f"# Regenerate with: {command}")
     lines += [
-        f"# {n['item']} item routes, {n['collection']} collection routes, {n['passthrough']} passthrough"
-        f" route(s), {n['override']} from overrides only; {n['omitted']} schema paths omitted (listed at the end).",
+        (f"# {n['item']} item routes, {n['collection']} collection routes, {n['passthrough']} passthrough"
+         f" route(s), {n['override']} from overrides only; {n['omitted']} schema paths omitted (listed at the end)."),
         "# Hand edits belong in the overrides file (--overrides), so they survive regeneration.",
         "# Check with: etagproxy check-config FILE",
         "",
