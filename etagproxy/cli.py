@@ -1,4 +1,4 @@
-"""Command line: `etagproxy run | check-config | demo | inspect`."""
+"""Command line: `etagproxy run | check-config | demo | inspect | routes`."""
 
 from __future__ import annotations
 
@@ -93,6 +93,79 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return asyncio.run(inspect_url(config, args.url))
 
 
+def _read_source(source: str) -> str:
+    """The text of a file path or an http(s) URL (gzip is undone); OSError on failure."""
+    if source.startswith(("http://", "https://")):
+        import urllib.request
+
+        with urllib.request.urlopen(source, timeout=30) as response:  # http(s) only: checked above
+            data = response.read()
+    else:
+        with open(source, "rb") as f:
+            data = f.read()
+    if data[:2] == b"\x1f\x8b":
+        import gzip
+
+        data = gzip.decompress(data)
+    return data.decode("utf-8")
+
+
+def _read_or_fail(source: str, what: str) -> str:
+    try:
+        return _read_source(source)
+    except UnicodeDecodeError as exc:
+        raise _Failed(f"{source}: {what} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or exc
+        raise _Failed(f"{source}: cannot read the {what}: {reason}") from None
+    except ValueError as exc:  # a malformed URL, or a gzip stream that is not one
+        raise _Failed(f"{source}: cannot read the {what}: {exc}") from None
+
+
+class _Failed(Exception):
+    """A one-line reason `routes` stops with status 2."""
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    from etagproxy import openapi
+    from etagproxy.config import parse_config
+
+    try:
+        schema = openapi.parse_document(_read_or_fail(args.from_openapi, "schema"), args.from_openapi)
+        generated = openapi.routes_from_schema(schema)
+        if args.overrides:
+            text = _read_or_fail(args.overrides, "overrides file")
+            generated = openapi.merge_overrides(generated, openapi.parse_overrides(text, args.overrides))
+    except (_Failed, openapi.OpenAPIError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    command = f"etagproxy routes --from-openapi {args.from_openapi}"
+    if args.overrides:
+        command += f" --overrides {args.overrides}"
+    out = openapi.render(generated, source=args.from_openapi, upstream=args.upstream, command=command)
+    try:
+        parse_config(out, filename=args.output or "<generated>")
+    except ConfigError as exc:
+        print("etagproxy: the generated routes do not pass check-config:", file=sys.stderr)
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 2
+    if args.output:
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(out)
+        except OSError as exc:
+            print(f"{args.output}: cannot write: {exc.strerror}", file=sys.stderr)
+            return 2
+        n = openapi.counts(generated)
+        print(f"{args.output}: {len(generated.routes)} routes ({n['item']} item, {n['collection']} collection,"
+              f" {n['passthrough']} passthrough, {n['override']} from overrides); {n['omitted']} paths omitted",
+              file=sys.stderr)
+    else:
+        sys.stdout.write(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="etagproxy",
@@ -125,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--config", required=True)
     insp.add_argument("url")
     insp.set_defaults(func=cmd_inspect)
+
+    routes = sub.add_parser("routes", help="generate routes YAML from an OpenAPI 3.x schema")
+    routes.add_argument("--from-openapi", required=True, metavar="SCHEMA",
+                        help="OpenAPI 3.0/3.1 schema, JSON or YAML: a file path or an http(s) URL")
+    routes.add_argument("--overrides", metavar="FILE",
+                        help="YAML mapping of route path -> settings merged over the generated ones")
+    routes.add_argument("--upstream", metavar="URL", help="the upstream: line (default: a placeholder)")
+    routes.add_argument("-o", "--output", metavar="OUT", help="write here instead of standard output")
+    routes.set_defaults(func=cmd_routes)
     return parser
 
 
