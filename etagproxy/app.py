@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import os
 import logging
 import signal
 import socket
@@ -45,6 +46,18 @@ log = logging.getLogger("etagproxy")
 # load) and `defaults:` (merged at load), so those change with them; every
 # other setting is bound to sockets, pools or the store and needs a restart.
 RELOADED = frozenset({"routes", "upstream"})
+# What identifies the file's content without reading it: a ConfigMap update
+# swaps a symlink (new inode), an editor rewrites in place (new mtime/size).
+_FileStamp = tuple[str, int, int, int]
+
+
+def _stamp(path: str) -> _FileStamp | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.realpath(path), st.st_ino, st.st_mtime_ns, st.st_size
+
 _IGNORED_ON_RELOAD = ("source",)
 
 
@@ -70,6 +83,7 @@ class ProxyServer:
         self.proxy: Proxy | None = None
         self._runner: web.ServerRunner | None = None
         self._admin: web.AppRunner | None = None
+        self._watch: asyncio.Future[None] | None = None
         self.port = 0
         self.admin_port = 0
 
@@ -115,6 +129,8 @@ class ProxyServer:
         self.port = _bound_port(site)
         if cfg.admin_listen is not None:
             await self._start_admin(*cfg.admin_listen)
+        if cfg.watch_config > 0 and cfg.source != "<config>":
+            self._watch = asyncio.ensure_future(self._watch_config(cfg.watch_config))
 
     async def _check_store(self) -> None:
         """Say at start what the store's server settings mean for safety.
@@ -253,6 +269,19 @@ class ProxyServer:
 
     # -- shutdown --------------------------------------------------------------
 
+    async def _watch_config(self, every: float) -> None:
+        """Reload when the config file changes (`watch_config`). A file that
+        disappears for a moment (an atomic swap) is waited for, not reloaded."""
+        path = self.config.source
+        seen = _stamp(path)
+        while True:
+            await asyncio.sleep(every)  # a poll interval, not a guess at an event
+            now = _stamp(path)
+            if now is not None and now != seen:
+                seen = now
+                log.info("config file %s changed: reloading", path)
+                self.reload()
+
     async def stop(self) -> None:
         """Drain and close; safe to call twice.
 
@@ -260,6 +289,9 @@ class ProxyServer:
         and the END calls they left running in the background.
         """
         self.draining = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.timeouts.shutdown
         if self._runner is not None:

@@ -598,3 +598,35 @@ async def test_the_proxy_names_itself_without_versions_unless_told(make_proxy, r
         )
         async with s.put(named.url + "/api/items/1/", data="x", headers={"If-Match": '"stale"'}) as r:
             assert r.headers.getall("Server") == ["api-gateway (internal)"]
+
+
+async def test_a_watched_config_reloads_when_a_configmap_swaps_its_symlink(processes, tmp_path, recording_upstream):
+    """The kubelet updates a mounted ConfigMap by writing a new directory and
+    swapping the `..data` symlink; the file's path stays the same."""
+    mount = tmp_path / "mount"
+    first, second = mount / "..2026_01" / "c.yaml", mount / "..2026_02" / "c.yaml"
+    first.parent.mkdir(parents=True)
+    second.parent.mkdir(parents=True)
+    write_config(first, recording_upstream.url, extra="watch_config: 50ms\n")
+    write_config(
+        second, recording_upstream.url, extra="watch_config: 50ms\n",
+        routes="routes:\n  - path: /api/items/{id}/\n    mode: passthrough\n",
+    )
+    (mount / "..data").symlink_to(first.parent.name)
+    (mount / "c.yaml").symlink_to("..data/c.yaml")
+    proxy = await processes("--config", str(mount / "c.yaml"))
+    listening, = await proxy.wait_listening()
+    url = f"http://127.0.0.1:{listening['port']}/api/items/1/"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url) as r:
+            assert r.headers.get("ETag") is not None
+        swap = mount / "..data_tmp"
+        swap.symlink_to(second.parent.name)
+        swap.replace(mount / "..data")  # rename(2): atomic, as the kubelet does
+        await proxy.wait_for(lambda r: r.get("msg", "").startswith("routes reloaded"))
+        async with s.get(url) as r:
+            assert r.headers.get("ETag") is None, "the new ConfigMap made the route passthrough"
+    changed = [r for r in proxy.records() if r.get("msg", "").startswith("config file")]
+    assert len(changed) == 1
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert await proxy.finish() == 0

@@ -32,6 +32,7 @@ _TOP_KEYS: Final = (
     "trusted_proxies",
     "via",
     "server",
+    "watch_config",
 )
 _STORE_PARSERS: Final[dict[str, Callable[[object], Any]]] = {
     "prefix": _parse_str,
@@ -94,6 +95,8 @@ class _Builder(_RouteBuilder):
                 self.problems.add(n, "admin_listen", "an address other than listen's")
         if (n := node("via")) is not None:
             values["via"] = self.scalar(n, "via", _parse_via)
+        if (n := node("watch_config")) is not None:
+            values["watch_config"] = self.scalar(n, "watch_config", _duration())
         if (n := node("server")) is not None:
             values["server"] = self.scalar(n, "server", _parse_server)
         if (n := node("store")) is not None:

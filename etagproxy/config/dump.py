@@ -44,6 +44,7 @@ def dump_effective(config: Config) -> dict[str, Any]:
         "trusted_proxies": list(config.trusted_proxies),
         "via": config.via,
         "server": config.server,
+        "watch_config": config.watch_config,
     }
 
 

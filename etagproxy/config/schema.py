@@ -222,6 +222,9 @@ class Config:
     """Addresses or CIDRs whose Forwarded / X-Forwarded-* headers are believed."""
     via: str = "etagproxy"
     """Pseudonym this proxy uses in Via (RFC 9110 §7.6.3)."""
+    watch_config: float = 0.0
+    """Seconds between checks of the config file for changes, which are then
+    applied as SIGHUP would (a Kubernetes ConfigMap update); 0 = never."""
     server: str = "etagproxy"
     """The Server field of the proxy's own answers (RFC 9110 §10.2.4); no
     versions by default. A relayed answer keeps the upstream's."""
