@@ -1,0 +1,253 @@
+"""Chaos scenario 6: clock and time.
+
+1. One replica's wall clock is stepped (libfaketime, that process only;
+   its monotonic clock is left alone, as a real step leaves it) while both
+   replicas share one real Redis: every deadline and mint time is Redis's
+   TIME, so nothing that decides validity may depend on the stepped clock.
+   Tags issued by either replica validate on the other, Last-Modified is
+   the same whichever replica answers, and no update is lost.
+2. A replica's event loop is blocked (a CPU-bound callback, or a blocking
+   wait) for longer than its lease while its write is in flight: another
+   replica takes the key once the lease expires, the stalled replica's END
+   finds its lease lost, sends no ETag and counts it, and no update is lost
+   when the write had landed before the stall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from email.utils import formatdate, parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.chaos_rows import report
+from tests.counter_clients import Ledger, audit, write_counter
+from tests.fault_upstream import PREFIX, FaultUpstream, running_upstream
+from tests.metrics import metric
+from tests.ports import free_port
+from tests.proxy_processes import ProxyProcess, counter_config, start_proxy
+from tests.redis_fixtures import RedisServer
+from tests.test_lost_updates import CLIENTS, KEYS, workload
+
+LEASE_S = 0.5 + 2 * 0.2 + 1.0  # writes.lease_ms for counter_config()'s timeouts
+HOUR = 3600
+
+
+def _libfaketime() -> str | None:
+    """The path of libfaketime's preload library, if installed (Debian
+    package `libfaketime`, which `faketime` depends on)."""
+    for pattern in ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1",
+                    "/usr/local/lib/faketime/libfaketime.so.1"):
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+def _faketime_env(offset_file: Path) -> dict[str, str]:
+    """Environment that runs one process with its wall clock offset by what
+    `offset_file` says ("+3600", "-1h", ...), re-read on every clock call so
+    a test can step it mid-run. CLOCK_MONOTONIC is not faked: a step of the
+    system clock leaves it alone, and asyncio's deadlines run on it."""
+    lib = _libfaketime()
+    if lib is None:
+        pytest.skip(
+            "libfaketime is not installed (Debian/Ubuntu: apt-get install -y libfaketime, or faketime): "
+            "the stepped-clock scenario preloads it into one proxy process"
+        )
+    return {
+        "LD_PRELOAD": lib,
+        "FAKETIME_TIMESTAMP_FILE": str(offset_file),
+        "FAKETIME_NO_CACHE": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
+
+
+def _http_date(headers: aiohttp.typedefs.LooseHeaders, name: str) -> float:
+    return parsedate_to_datetime(headers[name]).timestamp()  # type: ignore[index]
+
+
+@asynccontextmanager
+async def _replicas(
+    tmp_path: Path, upstream: str, store: str, env1: dict[str, str]
+) -> AsyncIterator[tuple[ProxyProcess, ProxyProcess]]:
+    """Replica 1 with `env1` added to its environment, replica 2 without."""
+    started: list[ProxyProcess] = []
+    try:
+        for env in (env1, None):
+            text = counter_config(upstream, store, admin_port=free_port())
+            started.append(await start_proxy(text, tmp_path, env=env))
+        yield started[0], started[1]
+    finally:
+        codes = [await p.stop() for p in started]
+        assert codes == [0] * len(started), [p.stderr[-20:] for p in started]
+
+
+async def _own_date(session: aiohttp.ClientSession, proxy: ProxyProcess) -> float:
+    """The Date of an answer the proxy makes itself (a 428 for a PUT without
+    a precondition, never forwarded), i.e. the proxy's wall clock; a relayed
+    answer carries the upstream's Date."""
+    async with session.put(proxy.url + PREFIX + "clock", data=b"{}") as resp:
+        await resp.read()
+        assert resp.status == 428
+        return _http_date(resp.headers, "Date")
+
+
+async def _seen_offset(session: aiohttp.ClientSession, p1: ProxyProcess, p2: ProxyProcess) -> float:
+    """p1's wall clock minus p2's, as their own answers show (seconds, ±1)."""
+    return await _own_date(session, p1) - await _own_date(session, p2)
+
+
+async def _until_offset(session: aiohttp.ClientSession, p1: ProxyProcess, p2: ProxyProcess, offset: float) -> None:
+    """Until p1's Date shows the stepped clock (an event, not a wait)."""
+    async with asyncio.timeout(10):
+        while abs(await _seen_offset(session, p1, p2) - offset) > 2:
+            pass
+
+
+async def _cross_checks(
+    session: aiohttp.ClientSession, ledger: Ledger, p1: ProxyProcess, p2: ProxyProcess
+) -> dict[str, Any]:
+    """With no client running: a tag and a Last-Modified issued by either
+    replica, used on the other. Returns what was observed."""
+    seen: dict[str, Any] = {}
+    for n, (reader, writer) in enumerate(((p1, p2), (p2, p1), (p1, p2), (p2, p1))):
+        key = "k0"
+        async with session.get(reader.url + PREFIX + key) as resp:
+            doc = json.loads(await resp.read())
+            tag, lm = resp.headers["ETag"], resp.headers["Last-Modified"]
+        value = int(doc["value"])
+        # The other replica answers the same version with the same date.
+        async with session.get(writer.url + PREFIX + key) as resp:
+            await resp.read()
+            assert resp.headers["ETag"] == tag
+            assert resp.headers["Last-Modified"] == lm
+        async with session.get(writer.url + PREFIX + key, headers={"If-Modified-Since": lm}) as resp:
+            await resp.read()
+            assert resp.status == 304, "If-Modified-Since of the other replica's Last-Modified"
+        async with session.get(writer.url + PREFIX + key, headers={"If-None-Match": tag}) as resp:
+            await resp.read()
+            assert resp.status == 304, "If-None-Match of the other replica's tag"
+        write = f"cross.{n}"
+        if n < 2:
+            # If-Match with the tag the other replica handed out.
+            status, etag = await write_counter(session, writer.url, key, value + 1, tag, write)
+            ledger.record_write(key, write, value + 1, tag, writer.url, status, etag)
+            assert status == 200 and etag is not None, f"{tag} from {reader.url} refused by {writer.url}"
+        else:
+            # If-Unmodified-Since with the other replica's Last-Modified:
+            # still unmodified, so applied; one second earlier is a 412.
+            earlier = formatdate(parsedate_to_datetime(lm).timestamp() - 1, usegmt=True)
+            stale = f"cross.{n}.early"
+            status, _ = await _write_ius(session, writer.url, key, value + 1, earlier, stale)
+            ledger.record_write(key, stale, value + 1, tag, writer.url, status, None)
+            assert status == 412, "If-Unmodified-Since one second before the mint"
+            status, etag = await _write_ius(session, writer.url, key, value + 1, lm, write)
+            # Judged against the version `tag` names: the chain's link.
+            ledger.record_write(key, write, value + 1, tag, writer.url, status, etag)
+            assert status == 200, f"If-Unmodified-Since {lm} from {reader.url} refused by {writer.url}"
+    # Last-Modified (Redis TIME) against the Date of a 200 (relayed: the
+    # upstream's) and of a 304 (the proxy's own: the stepped clock).
+    async with session.get(p1.url + PREFIX + "k0") as r1:
+        await r1.read()
+        tag, minted = r1.headers["ETag"], _http_date(r1.headers, "Last-Modified")
+        seen["p1_200_date_minus_lm_s"] = round(_http_date(r1.headers, "Date") - minted)
+    async with session.get(p1.url + PREFIX + "k0", headers={"If-None-Match": tag}) as r1:
+        await r1.read()
+        assert r1.status == 304
+        seen["p1_304_date_minus_lm_s"] = round(_http_date(r1.headers, "Date") - minted)
+        seen["p1_304_has_lm"] = "Last-Modified" in r1.headers
+    return seen
+
+
+async def _write_ius(
+    session: aiohttp.ClientSession, base: str, key: str, value: int, ius: str, write: str
+) -> tuple[int, str | None]:
+    headers = {"If-Unmodified-Since": ius, "X-Request-ID": write, "Content-Type": "application/json"}
+    body = json.dumps({"value": value, "write": write})
+    async with session.put(base + PREFIX + key, data=body, headers=headers) as resp:
+        await resp.read()
+        return resp.status, resp.headers.get("ETag")
+
+
+def _crossed(ledger: Ledger, first: str, second: str) -> int:
+    """Acknowledged writes through `second` validated by a tag a write
+    through `first` was answered with."""
+    issuer = {a.etag: a.via for a in ledger.acks if a.etag is not None}
+    return sum(1 for a in ledger.acks if a.via == second and issuer.get(a.if_match) == first)
+
+
+def _acked_at_least(ledger: Ledger, n: int) -> Callable[[], bool]:
+    return lambda: ledger.acked() >= n
+
+
+# -- 1. a replica's wall clock stepped ------------------------------------------------
+
+STEPS = {
+    "ahead_1h": ("+1h", None),
+    "behind_1h": ("-1h", None),
+    "jumps_mid_run": ("+0", ("-1h", "+1h")),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.chaos
+@pytest.mark.parametrize("step", list(STEPS))
+async def test_one_replica_with_its_wall_clock_stepped_loses_no_update(
+    step: str, tmp_path: Path, redis_server: RedisServer
+):
+    start, jumps = STEPS[step]
+    offset_file = tmp_path / "faketime"
+    offset_file.write_text(start + "\n")
+    env = _faketime_env(offset_file)
+    expected = {"+0": 0, "+1h": HOUR, "-1h": -HOUR}
+    ledger = Ledger()
+    async with (
+        running_upstream(FaultUpstream()) as up,
+        aiohttp.ClientSession() as s,
+        _replicas(tmp_path, up.url, redis_server.url, env) as (p1, p2),
+    ):
+        await _until_offset(s, p1, p2, expected[start])
+        bases = [p1.url, p2.url]
+        target = 400
+        async with workload(ledger, bases, keys=KEYS, clients=CLIENTS):
+            if jumps is None:
+                await ledger.wait_until(lambda: ledger.acked() >= target, timeout=30)
+            else:
+                # The clock steps back an hour, then two hours forward,
+                # while writes are in flight on both replicas.
+                for i, jump in enumerate(jumps, 1):
+                    await ledger.wait_until(_acked_at_least(ledger, target * i // 3), timeout=30)
+                    offset_file.write_text(jump + "\n")
+                    await _until_offset(s, p1, p2, expected[jump])
+                await ledger.wait_until(lambda: ledger.acked() >= target, timeout=30)
+        seen = await _cross_checks(s, ledger, p1, p2)
+        seen["p1_date_minus_p2_date_s"] = round(await _seen_offset(s, p1, p2))
+        lost = [metric(await p.metrics(), "etagproxy_lease_lost_total") for p in (p1, p2)]
+    result = audit(up, ledger, whole_chain=True)
+    crossed = (_crossed(ledger, p1.url, p2.url), _crossed(ledger, p2.url, p1.url))
+    report(
+        f"replica 1's wall clock stepped ({step}), 2 replicas x {CLIENTS} clients on one Redis", result,
+        step=start if jumps is None else "->".join((start, *jumps)),
+        tags_1_to_2=crossed[0], tags_2_to_1=crossed[1], lease_lost=int(sum(lost)), **seen,
+    )
+    assert result.problems == []
+    assert result.stale == 0
+    assert result.final_total == result.acknowledged >= target
+    assert min(crossed) > 0, "tags issued by one replica must validate writes on the other"
+    assert ledger.outcomes["412"] > 0
+    assert sum(lost) == 0
+    assert not ledger.unknown
+    # The step is real (p1's own answers show it), and what p1 relays and
+    # dates (Date from the upstream, Last-Modified from Redis) does not.
+    assert abs(seen["p1_date_minus_p2_date_s"] - expected[(jumps or (start,))[-1]]) <= 2
+    assert abs(seen["p1_200_date_minus_lm_s"]) <= 2
+    assert abs(seen["p1_304_date_minus_lm_s"]) <= 2
