@@ -17,9 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -27,11 +33,13 @@ from typing import Any
 import aiohttp
 import pytest
 
+from etagproxy.exchange import Exchange
 from tests.chaos_rows import report
 from tests.counter_clients import Ledger, audit, write_counter
 from tests.fault_upstream import PREFIX, FaultUpstream, running_upstream
-from tests.metrics import metric
+from tests.metrics import metric, scrape
 from tests.ports import free_port
+from tests.proxy_fixtures import ProxyHandle
 from tests.proxy_processes import ProxyProcess, counter_config, start_proxy
 from tests.redis_fixtures import RedisServer
 from tests.test_lost_updates import CLIENTS, KEYS, workload
@@ -251,3 +259,192 @@ async def test_one_replica_with_its_wall_clock_stepped_loses_no_update(
     assert abs(seen["p1_date_minus_p2_date_s"] - expected[(jumps or (start,))[-1]]) <= 2
     assert abs(seen["p1_200_date_minus_lm_s"]) <= 2
     assert abs(seen["p1_304_date_minus_lm_s"]) <= 2
+
+
+# -- 2. a stalled event loop past the lease ------------------------------------------
+
+
+@asynccontextmanager
+async def _upstream_in_thread(up: FaultUpstream) -> AsyncIterator[asyncio.AbstractEventLoop]:
+    """Serve `up` from its own thread and event loop, so that it keeps
+    answering while the test's loop (and the in-process proxy on it) is
+    blocked. Yields that loop: touch `up`'s events only through it."""
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        box["loop"], box["stop"] = asyncio.get_running_loop(), stop
+        async with running_upstream(up):
+            ready.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="upstream", daemon=True)
+    thread.start()
+    assert await asyncio.to_thread(ready.wait, 10)
+    loop: asyncio.AbstractEventLoop = box["loop"]
+    try:
+        yield loop
+    finally:
+        loop.call_soon_threadsafe(box["stop"].set)
+        await asyncio.to_thread(thread.join, 10)
+        assert not thread.is_alive()
+
+
+def _sync_request(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
+                  ) -> tuple[int, bytes, dict[str, str]]:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+@dataclass
+class OtherReplica:
+    """A writer through replica 2 on its own thread: re-reads until the key
+    carries a tag again (no tag while a write is in flight), then
+    increments with If-Match, `writes` times. Every write attempt is kept
+    as (write id, value, If-Match, status, ETag) for the ledger."""
+
+    base: str
+    writes: int
+    attempts: list[tuple[str, int, str, int, str | None]] = field(default_factory=list)
+    first_ack: float | None = None
+    """time.monotonic() (the clock of asyncio's loop.time) of the first 2xx."""
+
+    def run(self, key: str) -> None:
+        n = 0
+        while sum(1 for a in self.attempts if a[3] == 200) < self.writes:
+            status, body, headers = _sync_request("GET", self.base + PREFIX + key)
+            tag = headers.get("ETag")
+            if status != 200 or tag is None:
+                # The stalled write still holds the key: re-read after a
+                # pause, as the workload's clients do.
+                time.sleep(0.005)
+                continue
+            n += 1
+            write, value = f"other.{n}", int(json.loads(body)["value"]) + 1
+            status, _, headers = _sync_request(
+                "PUT", self.base + PREFIX + key, json.dumps({"value": value, "write": write}).encode(),
+                {"If-Match": tag, "X-Request-ID": write, "Content-Type": "application/json"},
+            )
+            if status == 200 and self.first_ack is None:
+                self.first_ack = time.monotonic()
+            self.attempts.append((write, value, tag, status, headers.get("ETag")))
+
+
+def _spin_until(done: threading.Event) -> None:
+    """CPU-bound work on the loop's thread until `done` (hashing releases
+    the GIL on large buffers, so other threads still run)."""
+    block = bytes(1 << 20)
+    while not done.is_set():
+        hashlib.sha256(block).digest()
+
+
+async def _logged(proxy: ProxyHandle, rid: str) -> Exchange:
+    """The access-log record of request `rid`, once logged (after its answer)."""
+    async with asyncio.timeout(10):
+        while True:
+            for ex in proxy.exchanges:
+                if ex.rid == rid:
+                    return ex
+            proxy.exchanges.logged.clear()
+            await proxy.exchanges.logged.wait()
+
+
+STALLS: dict[str, Callable[[threading.Event], object]] = {
+    "cpu_bound": _spin_until,
+    "blocking_wait": lambda done: done.wait(30),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.chaos
+@pytest.mark.parametrize("stall", list(STALLS))
+async def test_event_loop_stalled_past_the_lease_with_a_write_in_flight(
+    stall: str, tmp_path: Path, redis_server: RedisServer, make_proxy: Callable[..., Awaitable[ProxyHandle]]
+):
+    """Replica 1 runs in this process, on this loop; the upstream has
+    applied its write and holds the answer when a callback blocks the loop.
+    The stall lasts until replica 2 (another process) has taken the key and
+    committed writes on it, which it can only do once replica 1's lease has
+    expired in Redis: so the stall outlasts the lease by construction.
+    Then replica 1's END finds the lease lost: no ETag, `lease_lost`, and
+    the metric counted once. The write landed before the stall, so nothing
+    is lost."""
+    ledger = Ledger()
+    up = FaultUpstream()
+    async with _upstream_in_thread(up) as uloop, aiohttp.ClientSession() as s:
+        text = counter_config(up.url, redis_server.url, admin_port=free_port())
+        p1 = await make_proxy(text)
+        p2 = await start_proxy(counter_config(up.url, redis_server.url, admin_port=free_port()), tmp_path)
+        try:
+            async with s.get(p1.url + PREFIX + "k0") as resp:
+                value, tag = int(json.loads(await resp.read())["value"]), resp.headers["ETag"]
+            held = up.hold("stalled.1", apply_on_receipt=True)
+            loop = asyncio.get_running_loop()
+            sent = loop.time()
+            write = asyncio.ensure_future(write_counter(s, p1.url, "k0", value + 1, tag, "stalled.1"))
+            received = asyncio.run_coroutine_threadsafe(held.received.wait(), uloop)
+            await asyncio.wait_for(asyncio.wrap_future(received), 10)
+            # The write has landed; its answer waits for `release`.
+            other, done = OtherReplica(p2.url, writes=3), threading.Event()
+
+            def replica_2() -> None:
+                try:
+                    other.run("k0")
+                finally:
+                    uloop.call_soon_threadsafe(held.release.set)
+                    done.set()
+
+            worker = threading.Thread(target=replica_2, name="replica-2-client")
+            stalled: list[float] = []
+
+            def stall_the_loop() -> None:
+                began = time.monotonic()
+                worker.start()
+                STALLS[stall](done)
+                stalled.append(time.monotonic() - began)
+
+            loop.call_soon(stall_the_loop)
+            status, etag = await write
+            worker.join()
+            entry = await _logged(p1, "stalled.1")
+            lease_lost = metric((await scrape(p1.admin_url))[1], "etagproxy_lease_lost_total")
+            other_lost = metric(await p2.metrics(), "etagproxy_lease_lost_total")
+            # Both replicas serve the version replica 2's last write committed.
+            async with s.get(p1.url + PREFIX + "k0") as r1, s.get(p2.url + PREFIX + "k0") as r2:
+                await r1.read(), await r2.read()
+                assert r1.headers["ETag"] == r2.headers["ETag"] == other.attempts[-1][4]
+        finally:
+            assert await p2.stop() == 0
+    ledger.record_write("k0", "stalled.1", value + 1, tag, p1.url, status, etag)
+    for w, v, t, st, e in other.attempts:
+        ledger.record_write("k0", w, v, t, p2.url, st, e)
+    result = audit(up, ledger)
+    assert other.first_ack is not None
+    report(
+        f"event loop stalled past its lease ({stall}), write landed before the stall", result,
+        lease_s=LEASE_S, stall_s=round(stalled[0], 2),
+        replica_2_first_ack_after_send_s=round(other.first_ack - sent, 2),
+        stalled_status=status, stalled_etag=etag is not None, decision=entry.decision,
+        lease_lost=int(lease_lost), replica_2_lease_lost=int(other_lost),
+    )
+    # Nobody took the key while the lease was alive (it began after `sent`;
+    # Redis TIME has millisecond resolution).
+    assert other.first_ack - sent >= LEASE_S - 0.01
+    assert stalled[0] >= LEASE_S - 0.01
+    # Whether the answer or the upstream deadline wins after the stall is
+    # up to the loop; either way the client gets no ETag.
+    assert status in (200, 504)
+    assert etag is None
+    assert entry.decision == "lease_lost"
+    assert lease_lost == 1
+    assert other_lost == 0
+    assert [a[3] for a in other.attempts] == [200] * 3
+    assert result.problems == []
+    assert result.stale == 0
+    assert up.value("k0") == value + 4
