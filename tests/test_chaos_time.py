@@ -34,6 +34,7 @@ import aiohttp
 import pytest
 
 from etagproxy.exchange import Exchange
+from etagproxy.store.redis import redis_key
 from tests.chaos_rows import report
 from tests.counter_clients import Ledger, audit, write_counter
 from tests.fault_upstream import PREFIX, FaultUpstream, running_upstream
@@ -84,14 +85,14 @@ def _http_date(headers: aiohttp.typedefs.LooseHeaders, name: str) -> float:
 
 @asynccontextmanager
 async def _replicas(
-    tmp_path: Path, upstream: str, store: str, env1: dict[str, str]
+    tmp_path: Path, upstream: str, store: str, env1: dict[str, str], **config: str
 ) -> AsyncIterator[tuple[ProxyProcess, ProxyProcess]]:
     """Replica 1 with `env1` added to its environment, replica 2 without."""
     started: list[ProxyProcess] = []
     try:
-        for env in (env1, None):
-            text = counter_config(upstream, store, admin_port=free_port())
-            started.append(await start_proxy(text, tmp_path, env=env))
+        for env in (env1, {}):
+            text = counter_config(upstream, store, admin_port=free_port(), **config)
+            started.append(await start_proxy(text, tmp_path, env=env or None))
         yield started[0], started[1]
     finally:
         codes = [await p.stop() for p in started]
@@ -448,3 +449,115 @@ async def test_event_loop_stalled_past_the_lease_with_a_write_in_flight(
     assert result.problems == []
     assert result.stale == 0
     assert up.value("k0") == value + 4
+
+
+# -- 3. the Redis host's clock stepped (emulated) --------------------------------------
+#
+# redis-server (jemalloc build) does not start under libfaketime 0.9.10: the
+# preload recurses into clock_gettime during allocator start-up and aborts.
+# So a step of the Redis clock is emulated on the one field of the resource
+# key that the scripts compare TIME with: a step forward by more than a
+# lease is, for a pending write, its deadline `l` already passed; a clock
+# that was ahead when a version was minted and then stepped back is that
+# version's mint time `m` later than the next version's.
+
+RESOURCE = redis_key("etagproxy:", PREFIX + "k0")
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.chaos
+async def test_redis_clock_stepped_forward_lets_a_second_write_in_while_the_first_is_in_flight(
+    tmp_path: Path, redis_server: RedisServer
+):
+    """The residual risk of a Redis clock step forward by more than a lease:
+    every lease in flight is over at once. A read re-mints the key (cause
+    lease_expired), its tag validates a second write, which is forwarded
+    while the first is still at the upstream; the first, landing later,
+    erases it. The first write's END finds its lease lost and counts it."""
+    ledger = Ledger()
+    async with (
+        running_upstream(FaultUpstream()) as up,
+        aiohttp.ClientSession() as s,
+        _replicas(tmp_path, up.url, redis_server.url, {}, upstream_timeout="5s") as (p1, p2),
+    ):
+        async with s.get(p1.url + PREFIX + "k0") as resp:
+            value, tag = int(json.loads(await resp.read())["value"]), resp.headers["ETag"]
+        held = up.hold("first", apply_on_receipt=False)
+        first = asyncio.ensure_future(write_counter(s, p1.url, "k0", value + 1, tag, "first"))
+        async with asyncio.timeout(10):
+            await held.received.wait()
+        assert redis_server.command("HGET", RESOURCE, "s") == b"p"
+        # TIME jumps an hour forward: the lease's deadline is behind it.
+        redis_server.command("HSET", RESOURCE, "l", str(int(redis_server.command("TIME")[0]) * 1000 - HOUR * 1000))
+        async with s.get(p2.url + PREFIX + "k0") as resp:
+            second_value = int(json.loads(await resp.read())["value"]) + 1
+            second_tag = resp.headers.get("ETag")
+        assert second_tag is not None and second_tag != tag
+        status2, etag2 = await write_counter(s, p2.url, "k0", second_value, second_tag, "second")
+        ledger.record_write("k0", "second", second_value, second_tag, p2.url, status2, etag2)
+        held.release.set()
+        status1, etag1 = await first
+        ledger.record_write("k0", "first", value + 1, tag, p1.url, status1, etag1)
+        lease_lost = metric(await p1.metrics(), "etagproxy_lease_lost_total")
+        minted = metric(await p2.metrics(), "etagproxy_tokens_minted_total", cause="lease_expired")
+    result = audit(up, ledger)
+    report(
+        "Redis clock stepped forward past a lease (emulated), a write in flight", result,
+        second_status=status2, first_status=status1, first_etag=etag1 is not None,
+        lease_lost=int(lease_lost), minted_lease_expired=int(minted),
+    )
+    assert status2 == 200, "the second write was forwarded while the first was in flight"
+    assert status1 == 200 and etag1 is None
+    assert lease_lost == 1
+    assert [w.write for w in up.stale] == ["first"]
+    assert any("lost update: write first" in p for p in result.problems)
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.chaos
+async def test_redis_clock_stepped_back_makes_last_modified_go_back(tmp_path: Path, redis_server: RedisServer):
+    """A version minted while the Redis clock was an hour ahead, then the
+    clock corrected: the next version's Last-Modified is an hour earlier.
+    If-Match is not fooled (tokens), but a client holding the first date
+    gets a 304 on If-Modified-Since for a changed resource, and its
+    If-Unmodified-Since write is forwarded over the change: a lost update
+    for date-only clients, beyond the known one-second limit."""
+    ledger = Ledger()
+    async with (
+        running_upstream(FaultUpstream()) as up,
+        aiohttp.ClientSession() as s,
+        _replicas(tmp_path, up.url, redis_server.url, {}) as (p1, p2),
+    ):
+        async with s.get(p1.url + PREFIX + "k0") as resp:
+            value, tag = int(json.loads(await resp.read())["value"]), resp.headers["ETag"]
+        # The clock was an hour ahead when this version was minted.
+        minted = int(redis_server.command("HGET", RESOURCE, "m"))
+        redis_server.command("HSET", RESOURCE, "m", str(minted + HOUR * 1000))
+        async with s.get(p1.url + PREFIX + "k0") as resp:
+            await resp.read()
+            first_lm = resp.headers["Last-Modified"]
+        # Another client writes with If-Match (not fooled): a new version.
+        status, etag = await write_counter(s, p2.url, "k0", value + 1, tag, "a")
+        ledger.record_write("k0", "a", value + 1, tag, p2.url, status, etag)
+        assert status == 200 and etag is not None
+        async with s.get(p1.url + PREFIX + "k0") as resp:
+            await resp.read()
+            second_lm = resp.headers["Last-Modified"]
+        went_back = parsedate_to_datetime(first_lm).timestamp() - parsedate_to_datetime(second_lm).timestamp()
+        async with s.get(p2.url + PREFIX + "k0", headers={"If-Modified-Since": first_lm}) as resp:
+            await resp.read()
+            ims_status = resp.status
+        # The date-only client computed its write from the first version.
+        status_b, _ = await _write_ius(s, p1.url, "k0", value + 1, first_lm, "b")
+        ledger.record_write("k0", "b", value + 1, tag, p1.url, status_b, None)
+    result = audit(up, ledger, chain=False)
+    report(
+        "Redis clock stepped back an hour (emulated), date-only clients", result,
+        last_modified_went_back_s=round(went_back), ims_status=ims_status, ius_status=status_b,
+    )
+    assert went_back >= HOUR - 2
+    assert ims_status == 304, "If-Modified-Since of the earlier date: Not Modified over a change"
+    assert status_b == 200, "If-Unmodified-Since of the earlier date: forwarded over a change"
+    assert [w.write for w in up.stale] == ["b"]
