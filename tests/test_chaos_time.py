@@ -11,6 +11,15 @@
    replica takes the key once the lease expires, the stalled replica's END
    finds its lease lost, sends no ETag and counts it, and no update is lost
    when the write had landed before the stall.
+3. The clock the scripts read (Redis TIME) stepped, emulated on the stored
+   deadline and mint time (redis-server does not run under libfaketime):
+   forward past a lease lets a second write in while the first is in
+   flight, and back sends Last-Modified back, so If-Unmodified-Since and
+   If-Modified-Since of the earlier date pass over a change. Both are
+   residual risks, asserted as they are; If-Match is not fooled by either
+   step, the forward one aside.
+4. The memory store, whose mint times are the proxy's own wall clock: a
+   real step back (libfaketime) does the same to date-only clients.
 """
 
 from __future__ import annotations
@@ -560,4 +569,49 @@ async def test_redis_clock_stepped_back_makes_last_modified_go_back(tmp_path: Pa
     assert went_back >= HOUR - 2
     assert ims_status == 304, "If-Modified-Since of the earlier date: Not Modified over a change"
     assert status_b == 200, "If-Unmodified-Since of the earlier date: forwarded over a change"
+    assert [w.write for w in up.stale] == ["b"]
+
+
+@pytest.mark.slow
+@pytest.mark.chaos
+async def test_memory_store_proxy_clock_stepped_back_makes_last_modified_go_back(tmp_path: Path):
+    """The same with `memory://`, whose mint times are the proxy's own wall
+    clock: here the step is real (libfaketime), an hour back mid-run."""
+    offset_file = tmp_path / "faketime"
+    offset_file.write_text("+0\n")
+    env = _faketime_env(offset_file)
+    ledger = Ledger()
+    async with running_upstream(FaultUpstream()) as up, aiohttp.ClientSession() as s:
+        proxy = await start_proxy(counter_config(up.url, "memory://", admin_port=free_port()), tmp_path, env=env)
+        try:
+            async with s.get(proxy.url + PREFIX + "k0") as resp:
+                value, tag = int(json.loads(await resp.read())["value"]), resp.headers["ETag"]
+                first_lm = resp.headers["Last-Modified"]
+            before = await _own_date(s, proxy)
+            offset_file.write_text("-1h\n")
+            async with asyncio.timeout(10):
+                while before - await _own_date(s, proxy) < HOUR - 2:
+                    pass
+            status, etag = await write_counter(s, proxy.url, "k0", value + 1, tag, "a")
+            ledger.record_write("k0", "a", value + 1, tag, proxy.url, status, etag)
+            assert status == 200 and etag is not None
+            async with s.get(proxy.url + PREFIX + "k0") as resp:
+                await resp.read()
+                second_lm = resp.headers["Last-Modified"]
+            async with s.get(proxy.url + PREFIX + "k0", headers={"If-Modified-Since": first_lm}) as resp:
+                await resp.read()
+                ims_status = resp.status
+            status_b, _ = await _write_ius(s, proxy.url, "k0", value + 1, first_lm, "b")
+            ledger.record_write("k0", "b", value + 1, tag, proxy.url, status_b, None)
+        finally:
+            assert await proxy.stop() == 0
+    went_back = parsedate_to_datetime(first_lm).timestamp() - parsedate_to_datetime(second_lm).timestamp()
+    result = audit(up, ledger, chain=False)
+    report(
+        "memory store, proxy clock stepped back an hour (libfaketime), date-only clients", result,
+        last_modified_went_back_s=round(went_back), ims_status=ims_status, ius_status=status_b,
+    )
+    assert went_back >= HOUR - 2
+    assert ims_status == 304
+    assert status_b == 200
     assert [w.write for w in up.stale] == ["b"]
