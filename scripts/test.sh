@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command from README.md: installs redis-server (the suite starts
-# real Redis, Sentinel and Cluster processes on loopback ports), promtool and the
+# real Redis, Sentinel and Cluster processes on loopback ports), promtool, libfaketime and the
 # Python test dependencies into .venv, then runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,7 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)  # promtool checks deploy/monitoring
+compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || need_apt+=(libfaketime)  # one process's clock stepped
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq

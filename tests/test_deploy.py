@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from etagproxy.cli import build_parser
-from etagproxy.config import Config, load_config, parse_config
+from etagproxy.config import Config, load_config, parse_config, parse_store_url
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -332,3 +332,51 @@ def test_deploying_guide_names_only_files_that_exist():
         assert re.search(rf"^#+ .*{heading}", text, re.MULTILINE), heading
     for path in set(re.findall(r"`((?:deploy|docs|config)/[\w./-]+)`", text)) | {"Dockerfile"}:
         assert (ROOT / path).exists(), path
+
+
+# -- the Sentinel variant -------------------------------------------------------------
+
+SENTINEL_VARIANT = K8S / "variants" / "redis-sentinel.yaml"
+
+
+def sentinel_docs() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(SENTINEL_VARIANT.read_text()) if d]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_the_sentinel_variant_passes_the_kubernetes_schema(version: str):
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    docs = sentinel_docs()
+    assert [d["kind"] for d in docs] == ["ConfigMap", "StatefulSet", "Service", "PodDisruptionBudget"]
+    for doc in docs:
+        kv.validate(doc, version, strict=True)
+
+
+def test_the_sentinel_variant_matches_the_store_url_it_documents():
+    scripts, statefulset, service, _ = sentinel_docs()
+    # The URL in the header comment parses, names every pod's sentinel and
+    # the master name the sentinels monitor.
+    url = re.search(r"url: (redis\+sentinel://\S+)", SENTINEL_VARIANT.read_text()).group(1)
+    store = parse_store_url(url)
+    replicas = statefulset["spec"]["replicas"]
+    name, headless = statefulset["metadata"]["name"], statefulset["spec"]["serviceName"]
+    assert store.kind == "sentinel"
+    assert store.hosts == tuple((f"{name}-{i}.{headless}", 26379) for i in range(replicas))
+    assert f"sentinel monitor {store.service_name} " in scripts["data"]["sentinel.sh"]
+    assert service["metadata"]["name"] == headless and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    # The quorum is a majority of the sentinels.
+    quorum = int(re.search(r"sentinel monitor \S+ \S+ 6379 (\d+)", scripts["data"]["sentinel.sh"]).group(1))
+    assert quorum == replicas // 2 + 1
+    # Safe eviction, no persistence, as redis.yaml.
+    assert "--maxmemory-policy volatile-lru" in scripts["data"]["redis.sh"]
+    assert '--save ""' in scripts["data"]["redis.sh"] and "--appendonly no" in scripts["data"]["redis.sh"]
+
+
+def test_the_sentinel_variant_scripts_are_valid_shell(tmp_path: Path):
+    scripts = sentinel_docs()[0]["data"]
+    for name, text in scripts.items():
+        path = tmp_path / name
+        path.write_text(text)
+        done = subprocess.run(["sh", "-n", str(path)], capture_output=True, text=True)
+        assert done.returncode == 0, f"{name}: {done.stderr}"
