@@ -189,6 +189,72 @@ class _LeanScript:
         return (await client.pipeline(commands, until))[0]
 
 
+class _ClusterScript:
+    """A script on a RedisCluster, shaped like redis-py's AsyncScript.
+
+    redis-py follows MOVED, TRYAGAIN and NOSCRIPT itself, but answers an ASK
+    (a key already moved out of a migrating slot) by sending ASKING on one
+    pooled connection of the importing node and the command on another
+    (redis-py 8.2, asyncio cluster): without its ASKING the command is
+    answered MOVED back to the old owner, and a busy client bounces between
+    the two until its redirections run out ("TTL exhausted"), for as long as
+    the slot migrates. Here the first attempt goes to the slot's master
+    directly; an ASK is followed with ASKING and the script in one pipeline
+    on one connection; anything else redis-py handles (MOVED, TRYAGAIN, a
+    script not loaded, a node down) goes through redis-py's own path."""
+
+    def __init__(self, cluster: RedisCluster, script: str) -> None:
+        from redis.exceptions import ClusterDownError, MovedError, NoScriptError, SlotNotCoveredError, TryAgainError
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        self._cluster = cluster
+        self._inner = cluster.register_script(script)
+        self.script = script
+        self.sha = self._inner.sha
+        self._handed_over = (
+            MovedError, TryAgainError, NoScriptError, ClusterDownError, SlotNotCoveredError, RedisConnectionError,
+        )
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        from redis.exceptions import AskError
+
+        command = ("EVALSHA", self.sha, len(keys), *keys, *args)
+        try:
+            node = self._cluster.get_node_from_key(keys[0])
+            if node is None:
+                return await self._inner(keys, args)
+            return await node.execute_command(*command)
+        except AskError as exc:
+            return await self._asking(exc, command, keys, args)
+        except self._handed_over:
+            return await self._inner(keys, args)
+
+    async def _asking(self, ask: Any, command: tuple[Any, ...], keys: list[str], args: list[Any]) -> Any:
+        from redis.asyncio.cluster import PipelineCommand
+        from redis.exceptions import AskError, NoScriptError
+
+        host, port = self._cluster.nodes_manager.remap_host_port(ask.host, ask.port)
+        target = self._cluster.get_node(host, port)
+        if target is None:
+            return await self._inner(keys, args)
+        for attempt in (1, 2):
+            calls = [PipelineCommand(0, "ASKING"), PipelineCommand(1, *command)]
+            await target.execute_pipeline(calls)
+            asking, result = calls[0].result, calls[1].result
+            if isinstance(asking, Exception):
+                raise asking
+            if attempt == 1 and isinstance(result, NoScriptError):
+                await target.execute_command("SCRIPT", "LOAD", self.script)
+                continue
+            if isinstance(result, (AskError, *self._handed_over)):
+                # The migration ended (or moved on) meanwhile.
+                return await self._inner(keys, args)
+            if isinstance(result, Exception):
+                raise result
+            return result
+        return await self._inner(keys, args)
+
+
 class RedisStore:
     """A `VersionStore` in Redis, shared by every proxy process that uses it.
 
@@ -244,6 +310,7 @@ class RedisStore:
         # redis-py, bench/clients.py); BEGIN + WAIT stays on redis-py.
         register: Any = (
             (lambda script: _LeanScript(lean, script)) if lean is not None
+            else (lambda script: _ClusterScript(self._cluster, script)) if self._cluster is not None
             else client.register_script  # type: ignore[union-attr]
         )
         self._observe = register(OBSERVE)
