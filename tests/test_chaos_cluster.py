@@ -310,9 +310,9 @@ def wait_promoted(cluster: RedisClusterGroup, slot: int, dead: str, timeout: flo
     while time.monotonic() < deadline:
         for node in masters(cluster):
             mine = node_id(node)
-            if mine != dead and owners(node).get(slot) == mine:
-                if b"cluster_state:ok" in node.command("CLUSTER", "INFO"):
-                    return node
+            owned = mine != dead and owners(node).get(slot) == mine
+            if owned and b"cluster_state:ok" in node.command("CLUSTER", "INFO"):
+                return node
         time.sleep(0.02)
     raise AssertionError(f"no replica promoted for slot {slot} within {timeout} s")
 
