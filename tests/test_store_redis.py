@@ -313,6 +313,36 @@ async def test_scripts_follow_ask_while_their_slot_migrates(tmp_path: Path, redi
         cluster.kill()
 
 
+async def test_scripts_on_a_key_in_a_migrating_slot_keep_it(tmp_path: Path, redis_store: Any) -> None:
+    """The slot is migrating, the key not moved yet: scripts run on the old
+    owner, and must rewrite the key in place. Deleted and recreated within
+    a script, it is gone from this node at the DEL, and the HSET after it is
+    refused ("non local key"): the script fails halfway, the key lost."""
+    cluster = RedisClusterGroup(tmp_path / "cluster")
+    cluster.start()
+    try:
+        store = await redis_store(cluster, timeout_s=1.0)
+        v0 = await committed(store, "/a")
+        replay = Replay("fp", 200, (("content-type", "text/plain"),), b"ok")
+        await store.put_replay("/a", "idem", replay, 60_000)
+        rkey = redis_key(PREFIX, "/a")
+        slot = int(cluster.nodes[0].command("CLUSTER", "KEYSLOT", rkey))
+        ids = {node.port: node.command("CLUSTER", "MYID").decode() for node in cluster.nodes}
+        src = next(node for node in cluster.nodes if node.command("CLUSTER", "COUNTKEYSINSLOT", slot))
+        dst = next(node for node in cluster.nodes if node is not src)
+        dst.command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src.port])
+        src.command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst.port])
+        assert (await store.begin("/a", if_match(v0.token), "w", HELD_MS, 0)).status is BeginStatus.OK
+        ended = await store.end("/a", "w", Outcome.SUCCESS)
+        assert ended.committed is not None and ended.committed.token != v0.token
+        await store.invalidate(["/a"])
+        await store.put_replay("/a", "idem", replay, 60_000)
+        assert src.command("EXISTS", rkey, f"{rkey}:i:idem") == 2
+        assert (await store.observe("/a")).version.epoch == src.run_id()
+    finally:
+        cluster.kill()
+
+
 # -- waiting and concurrency across processes ---------------------------------------
 
 
