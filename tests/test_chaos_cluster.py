@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,6 +36,7 @@ from etagproxy.store.redis import redis_key
 from tests.chaos_rows import long_scenario, report
 from tests.counter_clients import Ledger, Span, audit, increment_until, read_counter, write_counter
 from tests.fault_upstream import PREFIX, FaultUpstream, running_upstream
+from tests.proxy_processes import ProxyProcess
 from tests.redis_fixtures import RedisClusterGroup, RedisServer
 from tests.test_lost_updates import StartProxies, proxies  # noqa: F401  (fixture)
 
@@ -119,6 +121,15 @@ def redirections(nodes: Sequence[RedisServer]) -> dict[str, int]:
             if entry:
                 totals[kind] += int(entry["count"])
     return totals
+
+
+def store_failures(procs: Sequence[ProxyProcess]) -> str:
+    """The proxies' 503s by the store error behind them (access log), e.g.
+    "store-timeout:2", or "-"."""
+    kinds = Counter(
+        str(e.get("error")) for p in procs for e in p.access_log() if e.get("status") == 503
+    )
+    return ",".join(f"{k}:{n}" for k, n in sorted(kinds.items())) or "-"
 
 
 def reset_stats(nodes: Sequence[RedisServer]) -> None:
@@ -236,7 +247,7 @@ async def slot_migration_run(tmp_path: Path, proxies: StartProxies, rounds: int)
         recoveries: list[float] = []
         moved_slots = 0
         async with running_upstream(FaultUpstream()) as up, aiohttp.ClientSession() as s:
-            procs = await proxies(up.url, cluster.url, 2)
+            procs = await proxies(up.url, cluster.url, 2, access_log=True)
             bases = [p.url for p in procs]
             async with workload(ledger, bases, spans):
                 await ledger.wait_until(lambda: ledger.acked() >= WARM_ACKS, timeout=30)
@@ -268,13 +279,14 @@ async def slot_migration_run(tmp_path: Path, proxies: StartProxies, rounds: int)
                     status = await old_tag_refused(s, ledger, bases, probe, value, tag, f"old-tag.{n}")
                     assert status == 412, status
             seen = redirections(cluster.nodes)
+            failures = store_failures(procs)
     finally:
         cluster.kill()
     result = audit(up, ledger)
     row = report(
-        f"Redis Cluster: slots of 4 counters migrated between masters x{rounds}, 2 replicas x 16 clients", result,
+        f"Redis Cluster: slots of 4 counters migrated between masters x{rounds}, 2 proxies x 16 clients", result,
         recovery_s=max(recoveries), slots_moved=moved_slots, ask=seen["ASK"], moved=seen["MOVED"],
-        tryagain=seen["TRYAGAIN"],
+        tryagain=seen["TRYAGAIN"], store_503s=failures,
     )
     assert result.problems == []
     assert result.stale == 0
@@ -325,7 +337,7 @@ async def failover_run(tmp_path: Path, proxies: StartProxies, kills: int) -> Non
         clock = asyncio.get_running_loop().time
         recoveries, promotions = [], []
         async with running_upstream(FaultUpstream()) as up, aiohttp.ClientSession() as s:
-            procs = await proxies(up.url, cluster.url, 2)
+            procs = await proxies(up.url, cluster.url, 2, access_log=True)
             bases = [p.url for p in procs]
             async with workload(ledger, bases, spans):
                 await ledger.wait_until(lambda: ledger.acked() >= WARM_ACKS, timeout=30)
@@ -359,12 +371,14 @@ async def failover_run(tmp_path: Path, proxies: StartProxies, kills: int) -> Non
                         await asyncio.to_thread(victim.start)
                         await asyncio.to_thread(cluster.wait_ok)
             seen = redirections(cluster.nodes)
+            failures = store_failures(procs)
     finally:
         cluster.kill()
     result = audit(up, ledger)
     row = report(
-        f"Redis Cluster: master owning a counter killed, replica promoted x{kills}, 2 replicas x 16 clients", result,
+        f"Redis Cluster: master owning a counter killed, replica promoted x{kills}, 2 proxies x 16 clients", result,
         recovery_s=max(recoveries), promoted_after_s=round(max(promotions), 2), moved=seen["MOVED"],
+        store_503s=failures,
     )
     assert result.problems == []
     assert result.stale == 0
