@@ -123,13 +123,14 @@ def redirections(nodes: Sequence[RedisServer]) -> dict[str, int]:
     return totals
 
 
-def store_failures(procs: Sequence[ProxyProcess]) -> str:
-    """The proxies' 503s by the store error behind them (access log), e.g.
-    "store-timeout:2", or "-"."""
-    kinds = Counter(
-        str(e.get("error")) for p in procs for e in p.access_log() if e.get("status") == 503
-    )
-    return ",".join(f"{k}:{n}" for k, n in sorted(kinds.items())) or "-"
+def store_failures(procs: Sequence[ProxyProcess]) -> Counter[str]:
+    """The proxies' 503s by the store error behind them (access log):
+    store-timeout, store-unreachable, or store-error (an error reply)."""
+    return Counter(str(e.get("error")) for p in procs for e in p.access_log() if e.get("status") == 503)
+
+
+def kinds(counts: Counter[str]) -> str:
+    return ",".join(f"{k}:{n}" for k, n in sorted(counts.items())) or "-"
 
 
 def reset_stats(nodes: Sequence[RedisServer]) -> None:
@@ -286,13 +287,16 @@ async def slot_migration_run(tmp_path: Path, proxies: StartProxies, rounds: int)
     row = report(
         f"Redis Cluster: slots of 4 counters migrated between masters x{rounds}, 2 proxies x 16 clients", result,
         recovery_s=max(recoveries), slots_moved=moved_slots, ask=seen["ASK"], moved=seen["MOVED"],
-        tryagain=seen["TRYAGAIN"], store_503s=failures,
+        tryagain=seen["TRYAGAIN"], store_503s=kinds(failures),
     )
     assert result.problems == []
     assert result.stale == 0
     assert row.lost == 0
-    # The proxies were redirected, both ways.
+    # The proxies were redirected, both ways, and followed: no error reply
+    # of Redis reached a client (a 503 of a store deadline on a loaded
+    # machine may).
     assert seen["ASK"] > 0 and seen["MOVED"] > 0
+    assert failures["store-error"] == 0, failures
     assert result.final_total == result.acknowledged + result.landed_unacknowledged
 
 
@@ -378,7 +382,7 @@ async def failover_run(tmp_path: Path, proxies: StartProxies, kills: int) -> Non
     row = report(
         f"Redis Cluster: master owning a counter killed, replica promoted x{kills}, 2 proxies x 16 clients", result,
         recovery_s=max(recoveries), promoted_after_s=round(max(promotions), 2), moved=seen["MOVED"],
-        store_503s=failures,
+        store_503s=kinds(failures),
     )
     assert result.problems == []
     assert result.stale == 0
