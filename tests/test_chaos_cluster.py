@@ -17,7 +17,9 @@ version there is of another epoch: re-minted, and a tag read before the
 change must be refused (412), never validate. Every run must lose nothing
 (the audit of tests/counter_clients.py); each reports one row
 (tests/chaos_rows.py) with the client-visible errors, the redirections the
-servers answered (INFO errorstats) and the recovery time.
+servers answered (INFO errorstats), the proxies' 503s by store error, and
+the recovery time: for a migration from the last SETSLOT NODE, for a
+failover from the kill, to the first acknowledged write on a changed key.
 """
 
 from __future__ import annotations
