@@ -216,9 +216,15 @@ class SentinelServer(RedisServer):
 
 
 class RedisClusterGroup:
-    """Three cluster masters sharing the 16384 slots, no replicas."""
+    """Three cluster masters sharing the 16384 slots, by default no replicas.
 
-    def __init__(self, workdir: Path, size: int = 3) -> None:
+    With `replicas`, each master gets that many (`nodes` then holds the
+    masters first, as `redis-cli --cluster create` assigns them, then the
+    replicas), and `start()` waits until every replica's link is up, so a
+    failover has a synced replica to promote."""
+
+    def __init__(self, workdir: Path, size: int = 3, *, replicas: int = 0, node_timeout_ms: int = 500) -> None:
+        self.replicas = replicas
         self.nodes = [
             RedisServer(
                 workdir / f"node{i}",
@@ -226,10 +232,12 @@ class RedisClusterGroup:
                     cluster_enabled="yes",
                     cluster_config_file="nodes.conf",
                     cluster_port=free_port(HOST),
-                    cluster_node_timeout=500,
+                    cluster_node_timeout=node_timeout_ms,
+                    # No 5 s wait for more replicas before a (diskless) sync.
+                    repl_diskless_sync_delay=0,
                 ),
             )
-            for i in range(size)
+            for i in range(size * (1 + replicas))
         ]
         self._cli = _binary("redis-cli")
 
@@ -246,7 +254,7 @@ class RedisClusterGroup:
             node.start()
         addresses = [f"{h}:{p}" for h, p in self.hosts]
         done = subprocess.run(
-            [self._cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            [self._cli, "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             capture_output=True,
             timeout=60,
             check=False,
@@ -259,7 +267,17 @@ class RedisClusterGroup:
         def ok() -> bool:
             return all(b"cluster_state:ok" in node.command("CLUSTER", "INFO") for node in self.nodes)
 
+        def linked() -> bool:
+            for node in self.nodes:
+                with node.admin() as client:
+                    info = client.info("replication")
+                if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                    return False
+            return True
+
         _poll("redis cluster", ok, log=self.nodes[0].log)
+        if self.replicas:
+            _poll("redis cluster replicas", linked, log=self.nodes[-1].log)
 
     def kill(self) -> None:
         for node in self.nodes:

@@ -276,6 +276,73 @@ async def test_a_cluster_node_restart_is_survived(redis_cluster: RedisClusterGro
         await eventually(lambda key=key: store.observe(key), within_s=5)  # type: ignore[misc]
 
 
+async def test_scripts_follow_ask_while_their_slot_migrates(tmp_path: Path, redis_store: Any) -> None:
+    """The resource has moved to the importing node, its slot is still
+    migrating: the old owner answers ASK, and the script must run on the
+    importing node after ASKING on the same connection. Sent on another
+    (redis-py's own ASK handling, 8.2), the importing node answers MOVED
+    back to the old owner and busy callers bounce until they give up."""
+    cluster = RedisClusterGroup(tmp_path / "cluster")
+    cluster.start()
+    try:
+        store = await redis_store(cluster, timeout_s=1.0)
+        v0 = await committed(store, "/a")
+        rkey = redis_key(PREFIX, "/a")
+        slot = int(cluster.nodes[0].command("CLUSTER", "KEYSLOT", rkey))
+        ids = {node.port: node.command("CLUSTER", "MYID").decode() for node in cluster.nodes}
+        src = next(node for node in cluster.nodes if node.command("CLUSTER", "COUNTKEYSINSLOT", slot))
+        dst = next(node for node in cluster.nodes if node is not src)
+        dst.command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src.port])
+        src.command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst.port])
+        src.command("MIGRATE", dst.host, dst.port, "", 0, 5000, "KEYS", rkey)
+        for node in cluster.nodes:
+            node.command("CONFIG", "RESETSTAT")
+        # Another epoch on the importing node: the moved version is re-minted once.
+        seen = await asyncio.gather(*(store.observe("/a") for _ in range(40)))
+        assert {o.version.epoch for o in seen} == {dst.run_id()}
+        assert len({o.version.token for o in seen} - {v0.token}) == 1
+        token = seen[0].version.token
+        await store.confirm("/a", token)
+        begun = await store.begin("/a", if_match(token), "w", HELD_MS, 0)
+        assert begun.status is BeginStatus.OK
+        assert (await store.end("/a", "w", Outcome.SUCCESS)).committed is not None
+        stats = {node.port: node.admin().info("errorstats") for node in (src, dst)}
+        assert int(stats[src.port]["errorstat_ASK"]["count"]) >= 40
+        assert "errorstat_MOVED" not in stats[dst.port]
+    finally:
+        cluster.kill()
+
+
+async def test_scripts_on_a_key_in_a_migrating_slot_keep_it(tmp_path: Path, redis_store: Any) -> None:
+    """The slot is migrating, the key not moved yet: scripts run on the old
+    owner, and must rewrite the key in place. Deleted and recreated within
+    a script, it is gone from this node at the DEL, and the HSET after it is
+    refused ("non local key"): the script fails halfway, the key lost."""
+    cluster = RedisClusterGroup(tmp_path / "cluster")
+    cluster.start()
+    try:
+        store = await redis_store(cluster, timeout_s=1.0)
+        v0 = await committed(store, "/a")
+        replay = Replay("fp", 200, (("content-type", "text/plain"),), b"ok")
+        await store.put_replay("/a", "idem", replay, 60_000)
+        rkey = redis_key(PREFIX, "/a")
+        slot = int(cluster.nodes[0].command("CLUSTER", "KEYSLOT", rkey))
+        ids = {node.port: node.command("CLUSTER", "MYID").decode() for node in cluster.nodes}
+        src = next(node for node in cluster.nodes if node.command("CLUSTER", "COUNTKEYSINSLOT", slot))
+        dst = next(node for node in cluster.nodes if node is not src)
+        dst.command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src.port])
+        src.command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst.port])
+        assert (await store.begin("/a", if_match(v0.token), "w", HELD_MS, 0)).status is BeginStatus.OK
+        ended = await store.end("/a", "w", Outcome.SUCCESS)
+        assert ended.committed is not None and ended.committed.token != v0.token
+        await store.invalidate(["/a"])
+        await store.put_replay("/a", "idem", replay, 60_000)
+        assert src.command("EXISTS", rkey, f"{rkey}:i:idem") == 2
+        assert (await store.observe("/a")).version.epoch == src.run_id()
+    finally:
+        cluster.kill()
+
+
 # -- waiting and concurrency across processes ---------------------------------------
 
 

@@ -189,6 +189,87 @@ class _LeanScript:
         return (await client.pipeline(commands, until))[0]
 
 
+class _ClusterScript:
+    """A script on a RedisCluster, shaped like redis-py's AsyncScript.
+
+    redis-py (8.2, asyncio cluster) answers an ASK (a key already moved out
+    of a migrating slot) by sending ASKING on one pooled connection of the
+    importing node and the command on another: without its ASKING the
+    command is answered MOVED back to the old owner, and a busy client
+    bounces between the two until its redirections run out ("TTL
+    exhausted"), for as long as the slot migrates. Here the script follows
+    its own redirections: MOVED patches the slot map and goes to the new
+    owner, ASK sends ASKING and the script in one pipeline on one connection,
+    TRYAGAIN (a multi-key call split by a migration) goes round again,
+    NOSCRIPT loads the script on that node. A node down, the cluster down or
+    a slot uncovered go to redis-py's own path, which refreshes the
+    topology. All of it within the caller's deadline (`_guard`)."""
+
+    _HOPS = 16
+    """Redirections before giving up, as redis-py (RedisClusterRequestTTL)."""
+
+    def __init__(self, cluster: RedisCluster, script: str) -> None:
+        self._cluster = cluster
+        self._inner = cluster.register_script(script)
+        self.script = script
+        self.sha = self._inner.sha
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        from redis.exceptions import AskError, MovedError, NoScriptError, TryAgainError
+
+        cluster = self._cluster
+        command = ("EVALSHA", self.sha, len(keys), *keys, *args)
+        node = cluster.get_node_from_key(keys[0])
+        asking = False
+        for hop in range(self._HOPS):
+            if node is None:
+                break
+            try:
+                if asking:
+                    return await self._asking(node, command)
+                return await node.execute_command(*command)
+            except NoScriptError:
+                await node.execute_command("SCRIPT", "LOAD", self.script)
+            except MovedError as exc:
+                exc.host = exc.host or node.host
+                await cluster.nodes_manager.move_slot(exc)
+                node, asking = cluster.get_node_from_key(keys[0]), False
+            except AskError as exc:
+                host, port = cluster.nodes_manager.remap_host_port(exc.host or node.host, exc.port)
+                node, asking = cluster.get_node(host, port), True
+            except TryAgainError:
+                await asyncio.sleep(0.001 * (hop + 1))
+                node, asking = cluster.get_node_from_key(keys[0]), False
+            except Exception as exc:
+                if not self._node_trouble(exc):
+                    raise
+                break
+        return await self._inner(keys, args)
+
+    @staticmethod
+    def _node_trouble(exc: Exception) -> bool:
+        """Whether redis-py's own path should take over: it refreshes the
+        topology on these."""
+        from redis.exceptions import ClusterDownError, SlotNotCoveredError
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        return isinstance(exc, (RedisConnectionError, RedisTimeoutError, ClusterDownError, SlotNotCoveredError))
+
+    @staticmethod
+    async def _asking(node: Any, command: tuple[Any, ...]) -> Any:
+        """ASKING and `command` on one connection of `node`; the command's
+        reply, or its error raised."""
+        from redis.asyncio.cluster import PipelineCommand
+
+        calls = [PipelineCommand(0, "ASKING"), PipelineCommand(1, *command)]
+        await node.execute_pipeline(calls)
+        for call in calls:
+            if isinstance(call.result, Exception):
+                raise call.result
+        return calls[1].result
+
+
 class RedisStore:
     """A `VersionStore` in Redis, shared by every proxy process that uses it.
 
@@ -244,6 +325,7 @@ class RedisStore:
         # redis-py, bench/clients.py); BEGIN + WAIT stays on redis-py.
         register: Any = (
             (lambda script: _LeanScript(lean, script)) if lean is not None
+            else (lambda script: _ClusterScript(self._cluster, script)) if self._cluster is not None
             else client.register_script  # type: ignore[union-attr]
         )
         self._observe = register(OBSERVE)

@@ -71,7 +71,9 @@ end
 if not ok then return reply('failed', 0, cur) end
 if fence_ms > 0 then return reply('busy', fence_ms, cur) end
 
-if not cur then redis.call('DEL', key) end
 redis.call('HSET', key, 's', 'p', 'o', owner, 'n', ARGV[5], 'l', now + tonumber(ARGV[2]))
+-- No committed version to restore: drop a foreign epoch's fields (in place,
+-- see commit()).
+if not cur then redis.call('HDEL', key, 'e', 't', 'm', 'x', 'd', 'i') end
 redis.call('PERSIST', key)
 return reply('ok', 0, cur)

@@ -46,10 +46,13 @@ local function current(r, rid)
   return nil
 end
 
--- Replace whatever `key` holds by a new committed version.
+-- Replace whatever `key` holds by a new committed version. In place, the
+-- key never deleted first: in a cluster slot being migrated away, a key
+-- deleted here is gone from this node, and the script's next command on it
+-- is refused ("non local key") with the deletion already done.
 local function commit(key, rid, token, now, exists, ttl_ms)
-  redis.call('DEL', key)
   redis.call('HSET', key, 's', 'c', 'e', rid, 't', token, 'm', now, 'x', exists)
+  redis.call('HDEL', key, 'd', 'o', 'n', 'l', 'i')
   redis.call('PEXPIRE', key, ttl_ms)
   return {s = 'c', e = rid, t = token, m = now, x = exists}
 end
