@@ -23,7 +23,8 @@ from etagproxy.config.dump import dump_effective
 from etagproxy.inspect import inspect_url
 from etagproxy.store.memory import MemoryStore
 from tests.metrics import metric, scrape
-from tests.test_ops import logged
+from tests.test_ops import logged, write_config
+from tests.test_workers import fresh
 
 ADMIN = "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nupstream: {upstream}\n"
 
@@ -308,6 +309,36 @@ async def test_inspect_and_page_on_redis_show_the_live_state_and_the_epoch(
         assert doc["type"].endswith("/store-unavailable") and doc["inspect"]["key"] == "/api/items/7/"
     finally:
         redis_server.start()
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_a_pool_of_workers_shows_the_pool_totals_on_every_worker(
+    processes, recording_upstream, redis_server, tmp_path
+):
+    store = f"store: {redis_server.url}\n"
+    conf = write_config(tmp_path / "c.yaml", recording_upstream.url, extra=store, routes=ROUTES)
+    pool = await processes("--config", str(conf), "--workers", "2")
+    listening = await pool.wait_listening(count=2)
+    base = f"http://127.0.0.1:{listening[0]['port']}"
+    admin = f"http://127.0.0.1:{listening[0]['admin_port']}"
+    rounds = 6
+    for _ in range(rounds):  # each on a new connection: spread over the workers
+        assert (await fresh("PUT", base + "/api/items/1/", data="x"))[0] == 428
+        assert (await fresh("PUT", base + "/api/items/1/", data="x", headers={"If-Match": '"stale"'}))[0] == 412
+    await pool.wait_access(2 * rounds)
+    route = "/api/items/{id}/"
+    for _ in range(4):
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            async with s.get(admin + "/") as r:
+                table = _Table()
+                table.feed(await r.text())
+        _, m = await scrape(admin)
+        row = table.rows[route]
+        assert table.facts["counters"] == "pool totals (--workers)"
+        assert (row["428"], row["412"], row["total"]) == (str(rounds), str(rounds), str(2 * rounds))
+        assert metric(m, "etagproxy_precondition_outcomes_total", route=route, outcome="precondition_failed") == rounds
+        assert metric(m, "etagproxy_requests_total", route=route) == 2 * rounds
 
 
 # -- in a browser ---------------------------------------------------------------------------
