@@ -1,6 +1,7 @@
 """Assemble and run one proxy process: listeners, store, upstream, admin.
 
-`ProxyServer.start()` opens the store and the upstream pool, then listens;
+`ProxyServer.start()` opens the store and the upstream pool, then listens
+(the admin port's endpoints live in admin.py);
 `stop()` shuts down in the order aiohttp's BaseRunner.cleanup and uvicorn's
 Server.shutdown use: fail readiness, stop listening, drain in-flight
 requests within the budget, then close the upstream pool and the store.
@@ -29,11 +30,12 @@ from collections.abc import Callable
 
 from aiohttp import web, web_response
 
+from etagproxy.admin import Admin
 from etagproxy.config import Config, ConfigError, load_config
 from etagproxy.exchange import Exchange
 from etagproxy.guard import GuardedServer
 from etagproxy.logs import AccessLog
-from etagproxy.metrics import CONTENT_TYPE, Metrics
+from etagproxy.metrics import Metrics
 from etagproxy.proxy import Proxy
 from etagproxy.routes import Router
 from etagproxy.store import open_store
@@ -82,7 +84,7 @@ class ProxyServer:
         self.upstream: Upstream | None = None
         self.proxy: Proxy | None = None
         self._runner: web.ServerRunner | None = None
-        self._admin: web.AppRunner | None = None
+        self._admin: Admin | None = None
         self._watch: asyncio.Future[None] | None = None
         self.port = 0
         self.admin_port = 0
@@ -128,7 +130,9 @@ class ProxyServer:
         await site.start()
         self.port = _bound_port(site)
         if cfg.admin_listen is not None:
-            await self._start_admin(*cfg.admin_listen)
+            self._admin = Admin(self)
+            admin_site = await self._admin.start(*cfg.admin_listen, reuse_port=self._reuse_port)
+            self.admin_port = _bound_port(admin_site)
         if cfg.watch_config > 0 and cfg.source != "<config>":
             self._watch = asyncio.ensure_future(self._watch_config(cfg.watch_config))
 
@@ -174,45 +178,6 @@ class ProxyServer:
                 "store maxmemory-policy noeviction: a full store refuses new versions (503 store-full)",
                 extra={"fields": {"maxmemory_policy": policy}},
             )
-
-    # -- admin endpoints -------------------------------------------------------
-
-    async def _start_admin(self, host: str, port: int) -> None:
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._metrics)
-        self._admin = web.AppRunner(app, handle_signals=False, access_log=None)
-        await self._admin.setup()
-        site = web.TCPSite(self._admin, host or None, port, reuse_port=self._reuse_port or None)
-        await site.start()
-        self.admin_port = _bound_port(site)
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        """Liveness: the event loop runs and answers. Nothing external is
-        checked, so a store outage never gets a healthy process restarted."""
-        return web.json_response({"status": "ok"})
-
-    async def _readyz(self, request: web.Request) -> web.Response:
-        """Readiness: not draining, and the store answers a PING in time."""
-        # A SIGTERM delivered before this probe was sent may still sit in
-        # the loop's signal pipe: its callback was queued in the same pass
-        # as this request's bytes, behind this handler. Yield once so it
-        # runs (and sets `draining`) first.
-        await asyncio.sleep(0)
-        if self.draining:
-            return web.json_response({"status": "draining"}, status=503)
-        assert self.store is not None
-        try:
-            async with asyncio.timeout(max(self.config.timeouts.store, 0.05) * 5):
-                await self.store.ping()
-        except (StoreError, TimeoutError) as exc:
-            detail = str(exc) or "no answer in time"
-            return web.json_response({"status": "store unavailable", "detail": detail}, status=503)
-        return web.json_response({"status": "ready"})
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
     # -- reload ----------------------------------------------------------------
 
@@ -308,7 +273,7 @@ class ProxyServer:
             await self.store.close()
         if self._admin is not None:
             admin, self._admin = self._admin, None
-            await admin.cleanup()
+            await admin.close()
 
 
 def _same_setting(new: object, running: object) -> bool:

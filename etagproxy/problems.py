@@ -18,6 +18,7 @@ CONTENT_TYPE = "application/problem+json"
 TITLES: Mapping[int, str] = {
     400: "Bad Request",
     404: "Not Found",
+    405: "Method Not Allowed",
     408: "Request Timeout",
     409: "Write In Progress",
     412: "Precondition Failed",

@@ -211,7 +211,7 @@ class Config:
     listen: tuple[str, int] = ("0.0.0.0", 8080)
     """Where clients connect."""
     admin_listen: tuple[str, int] | None = None
-    """Where /healthz, /readyz and /metrics are served; None = not served."""
+    """Where /healthz, /readyz, /metrics and the status page are served; None = not served."""
     store: StoreConfig = field(default_factory=_memory_store)
     """The version store."""
     timeouts: Timeouts = field(default_factory=Timeouts)
