@@ -266,6 +266,8 @@ class ProxyServer:
             await runner.cleanup()
         if self.proxy is not None and self.proxy.tasks:
             await asyncio.wait(set(self.proxy.tasks), timeout=max(0.0, deadline - loop.time()))
+        if self.proxy is not None and self.proxy.io.spans is not None:
+            self.proxy.io.spans.flush()
         if self.upstream is not None:
             await self.upstream.close()
             self.upstream = None

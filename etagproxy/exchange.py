@@ -47,6 +47,17 @@ class Exchange:
     upstream_validator: str | None = None
     """The validator the verify read found, to send on as If-Match
     (`version: {from: header, upstream_if_match: true}`)."""
+    trace_id: str = ""
+    """W3C trace-id: the client's, or a new trace's (`tracing.py`)."""
+    span_id: str = ""
+    """The proxy's span in that trace: the parent-id the upstream sees."""
+    parent_id: str = ""
+    """The client's parent-id; "" when the proxy started the trace."""
+    trace_flags: str = "00"
+    tracestate: str | None = None
+    """The client's tracestate, passed on unchanged; None: none sent."""
+    span: object = None
+    """The OpenTelemetry server span (`tracing: {otel: true}`), else None."""
 
 
 def credential_hash(headers: CIMultiDict[str] | object) -> str:

@@ -64,6 +64,12 @@ class Forwarding:
         self.tasks: set[asyncio.Task[object]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._children: dict[tuple[int, tuple[object, ...]], Any] = {}
+        self.spans: Any = None
+        """otel.Spans when `tracing.otel` is on (read at start, not on reload)."""
+        if config.tracing.otel:
+            from etagproxy.otel import Spans
+
+            self.spans = Spans()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -81,16 +87,22 @@ class Forwarding:
         task.add_done_callback(self.tasks.discard)
 
     async def timed_store(self, ex: Exchange, op: str, coro: object) -> object:
+        span = None if ex.span is None else self.spans.store(ex, op)
         t0 = time.perf_counter()
         try:
             return await coro  # type: ignore[misc]
-        except StoreError:
+        except StoreError as exc:
             self.metrics.store_errors.labels(op).inc()
+            if span is not None:
+                span.set_attribute("error.type", exc.__class__.__name__)
+                span.set_status(self.spans.error_status(str(exc)))
             raise
         finally:
             dt = time.perf_counter() - t0
             ex.store_ms += dt * 1000
             self.labelled(self.metrics.store_latency, op).observe(dt)
+            if span is not None:
+                span.end()
 
     def labelled(self, metric: Any, *values: object) -> Any:
         """`metric.labels(*values)`, memoised: the label sets are bounded
@@ -125,6 +137,8 @@ class Forwarding:
             via=self.config.via,
             rid=ex.rid,
             keep_framing=keep_framing,
+            traceparent=f"00-{ex.trace_id}-{ex.span_id}-{ex.trace_flags}",
+            tracestate=ex.tracestate,
         )
         if keep_framing and request.content_length is not None and "Content-Length" in out:
             # Framed afresh: the parsed number, never the client's spelling ("005").
@@ -215,13 +229,16 @@ class Forwarding:
 
     def send(
         self, match: Match | None, target: Target, method: str, headers: CIMultiDict[str],
-        body: bytes | AsyncIterator[bytes] | None, *, whole: bool = False,
+        body: bytes | AsyncIterator[bytes] | None, *, whole: bool = False, ex: Exchange | None = None,
     ) -> object:
         base = match.route.config.upstream if match is not None else self.config.upstream
         url = self.upstream.url(base or self.config.upstream, target.raw)
-        return self.upstream.request(
+        cm = self.upstream.request(
             method, url, headers, body, timeout=self.config.timeouts.upstream, whole=whole
         )
+        if ex is not None and ex.span is not None:
+            return self.spans.upstream(ex, method, url[0], headers, cm)
+        return cm
 
     def upstream_timing(self, ex: Exchange, t0: float, status: int) -> None:
         dt = time.perf_counter() - t0

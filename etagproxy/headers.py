@@ -9,6 +9,8 @@
 - `X-Forwarded-For/Proto/Host` and `Forwarded` (RFC 7239) are appended;
   values a client sent are kept only when the peer is a trusted proxy.
 - `X-Request-ID` is passed through when sane, else generated.
+- `traceparent` / `tracestate` (W3C Trace Context) are replaced by the
+  proxy's own (`tracing.py`): the client's lines never cross as sent.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ CONDITIONALS = frozenset(
 FORWARDING = frozenset(
     {"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"}
 )
+
+TRACE_CONTEXT = frozenset({"traceparent", "tracestate"})
 
 _PROTECTED_PREFIXES = ("if-", "x-forwarded-")
 _PROTECTED = frozenset(
@@ -118,13 +122,17 @@ def upstream_request_headers(
     via: str,
     rid: str,
     keep_framing: bool,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> CIMultiDict[str]:
     """Headers to send upstream, in the client's order and spelling.
 
     `drop` holds extra lower-case names to remove (conditionals the proxy
     evaluated, fields named by `Connection`). `keep_framing` keeps the
     client's Content-Length for a streamed body; a buffered body is framed
-    afresh by the client library.
+    afresh by the client library. The client's `traceparent` and
+    `tracestate` are dropped; `traceparent` and `tracestate` are sent instead
+    (the proxy's span as parent, the checked state).
     """
     out: CIMultiDict[str] = CIMultiDict()
     host = None
@@ -141,7 +149,7 @@ def upstream_request_headers(
             continue
         if low in FORWARDING and not trusted:
             continue
-        if low == "x-request-id":
+        if low == "x-request-id" or low in TRACE_CONTEXT:
             continue
         if low == "via":
             prior_via = value if prior_via is None else f"{prior_via}, {value}"
@@ -162,6 +170,10 @@ def upstream_request_headers(
     if host:
         out.setdefault("X-Forwarded-Host", host)
     out["X-Request-ID"] = rid
+    if traceparent is not None:
+        out["traceparent"] = traceparent
+        if tracestate is not None:
+            out["tracestate"] = tracestate
     return out
 
 

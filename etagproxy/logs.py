@@ -62,7 +62,7 @@ def json_line(ex: Exchange, pid: int) -> str:
         f'"store_ms":{ex.store_ms:.3f},"upstream_ms":{ex.upstream_ms:.3f},'
         f'"ms":{(time.perf_counter() - ex.start) * 1000:.3f},'
         f'"bytes_in":{ex.bytes_in},"bytes_out":{ex.bytes_out},"client":{_q(ex.client)},'
-        f'"user_agent":{_q(ex.agent)},"pid":{pid}'
+        f'"user_agent":{_q(ex.agent)},"trace_id":"{ex.trace_id}","span_id":"{ex.span_id}","pid":{pid}'
     )
     if ex.error:
         return f'{line},"error":{_q(ex.error)}}}\n'
@@ -78,7 +78,7 @@ def text_line(ex: Exchange, pid: int) -> str:
         f" route={ex.route} key={ex.key or '-'} {ex.status}"
         f" upstream={up} decision={ex.decision or '-'} store={ex.store_ms:.1f}ms"
         f" upstream_time={ex.upstream_ms:.1f}ms total={total:.1f}ms"
-        f" in={ex.bytes_in} out={ex.bytes_out}"
+        f" in={ex.bytes_in} out={ex.bytes_out} trace={ex.trace_id or '-'}/{ex.span_id or '-'}"
     )
     return f"{line} error={ex.error}\n" if ex.error else line + "\n"
 

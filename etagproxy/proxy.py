@@ -24,6 +24,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from etagproxy import headers as hdr
+from etagproxy import tracing
 from etagproxy.client_body import ClientBodyError
 from etagproxy.config import Config, RouteConfig
 from etagproxy.exchange import Exchange
@@ -117,6 +118,7 @@ class Proxy:
         method = request.method if request.method in REFUSAL_METHODS else "OTHER"
         ex = Exchange(hdr.new_request_id(), method, request.raw_path, request.remote or "",
                       request.headers.get("User-Agent", ""))
+        self._trace(request, ex)
         ex.status = refusal.status
         ex.error = refusal.kind
         ex.decision = "refused"
@@ -130,11 +132,25 @@ class Proxy:
         self.io.config = config
         self.io.router = router
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        ex = Exchange(
-            hdr.request_id(request.headers.get("X-Request-ID")), request.method, request.raw_path,
-            request.remote or "", request.headers.get("User-Agent", ""),
+    def _trace(self, request: web.BaseRequest, ex: Exchange) -> None:
+        """The request's place in a W3C trace (`tracing.py`)."""
+        h = request.headers
+        ex.trace_id, ex.parent_id, ex.trace_flags, ex.tracestate = tracing.incoming(
+            h.getall("traceparent", None), h.getall("tracestate", None),
+            sampled=self.io.config.tracing.sampled,
         )
+        ex.span_id = tracing.new_span_id()
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        h = request.headers
+        ex = Exchange(
+            hdr.request_id(h.get("X-Request-ID")), request.method, request.raw_path,
+            request.remote or "", h.get("User-Agent", ""),
+        )
+        spans = self.io.spans
+        self._trace(request, ex)
+        if spans is not None:
+            spans.server(ex)
         self.io.metrics.in_flight.inc()
         try:
             resp = await self._dispatch(request, ex)
@@ -160,6 +176,8 @@ class Proxy:
                 ex.bytes_out = len(resp.body)
         method = ex.method if ex.method in METRIC_METHODS else "OTHER"
         self.io.labelled(self.io.metrics.requests, ex.route, method, resp.status).inc()
+        if ex.span is not None:
+            spans.finish(ex)
         if self.on_exchange is not None:
             self.on_exchange(ex)
         return resp
@@ -168,6 +186,8 @@ class Proxy:
         named = hdr.connection_tokens(request.headers.getall("Connection", ()))
         hdr.check_connection(named)
         target = canonicalize(request.raw_path, host=request.headers.get("Host"))
+        if ex.span is not None:
+            ex.span.set_attribute("url.path", target.path)  # type: ignore[attr-defined]
         match = self.io.router.match(request.method, target)
         if match is None:
             return await self._plain(request, ex, target, None, named)
@@ -192,7 +212,7 @@ class Proxy:
         )
         t0 = time.perf_counter()
         try:
-            async with self.io.send(match, target, request.method, headers, self.io.client_body(request, ex)) as up:  # type: ignore[attr-defined]
+            async with self.io.send(match, target, request.method, headers, self.io.client_body(request, ex), ex=ex) as up:  # type: ignore[attr-defined]
                 self.io.upstream_timing(ex, t0, up.status)
                 out = hdr.response_headers(
                     up.raw_headers,

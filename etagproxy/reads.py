@@ -75,7 +75,7 @@ class Reads:
         headers = self._read_headers(request, ex, cfg, cond, named)
         t0 = time.perf_counter()
         try:
-            async with self.io.send(match, target, request.method, headers, self.io.client_body(request, ex)) as up:  # type: ignore[attr-defined]
+            async with self.io.send(match, target, request.method, headers, self.io.client_body(request, ex), ex=ex) as up:  # type: ignore[attr-defined]
                 self.io.upstream_timing(ex, t0, up.status)
                 out = hdr.response_headers(
                     up.raw_headers, drop=RESPONSE_DROP_TRACKED, via=self.io.config.via, rid=ex.rid
@@ -192,7 +192,7 @@ class Reads:
         headers = self._read_headers(request, ex, cfg, cond, named)
         t0 = time.perf_counter()
         try:
-            async with self.io.send(match, target, request.method, headers, self.io.client_body(request, ex)) as up:  # type: ignore[attr-defined]
+            async with self.io.send(match, target, request.method, headers, self.io.client_body(request, ex), ex=ex) as up:  # type: ignore[attr-defined]
                 self.io.upstream_timing(ex, t0, up.status)
                 out = hdr.response_headers(
                     up.raw_headers, drop=RESPONSE_DROP_TRACKED, via=self.io.config.via, rid=ex.rid

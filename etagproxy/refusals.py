@@ -116,7 +116,7 @@ class Refusals:
         assert source is not None
         headers = self.probe_headers(request, ex)
         current: Version | None = None
-        async with self.io.send(match, target, "GET", headers, None) as up:  # type: ignore[attr-defined]
+        async with self.io.send(match, target, "GET", headers, None, ex=ex) as up:  # type: ignore[attr-defined]
             out = hdr.response_headers(up.raw_headers, drop=RESPONSE_DROP_TRACKED, via=self.io.config.via, rid=ex.rid)
             if 200 <= up.status < 300:
                 body, complete = await up.read(self.io.config.limits.fingerprint_max)
@@ -171,7 +171,7 @@ class Refusals:
         """
         headers = self.probe_headers(request, ex)
         for method in ("HEAD", "GET"):
-            async with self.io.send(match, target, method, headers, None) as up:  # type: ignore[attr-defined]
+            async with self.io.send(match, target, method, headers, None, ex=ex) as up:  # type: ignore[attr-defined]
                 if method == "HEAD" and up.status in (405, 501):
                     continue
                 if 200 <= up.status < 300:

@@ -195,7 +195,7 @@ class Writes:
         t0 = time.perf_counter()
         sent_at = self.io.loop.time()
         try:
-            async with self.io.send(match, target, request.method, headers, body, whole=True) as up:  # type: ignore[attr-defined]
+            async with self.io.send(match, target, request.method, headers, body, whole=True, ex=ex) as up:  # type: ignore[attr-defined]
                 self.io.upstream_timing(ex, t0, up.status)
                 if ex.verified_at:
                     self.io.metrics.verify_window.observe(time.perf_counter() - ex.verified_at)
@@ -315,7 +315,7 @@ class Writes:
     ) -> web.StreamResponse:
         t0 = time.perf_counter()
         try:
-            async with self.io.send(match, target, request.method, headers, body, whole=True) as up:  # type: ignore[attr-defined]
+            async with self.io.send(match, target, request.method, headers, body, whole=True, ex=ex) as up:  # type: ignore[attr-defined]
                 self.io.upstream_timing(ex, t0, up.status)
                 out = hdr.response_headers(up.raw_headers, drop=RESPONSE_DROP_TRACKED, via=self.io.config.via, rid=ex.rid)
                 return await self.io.relay(request, ex, up, out)

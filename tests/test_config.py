@@ -211,7 +211,10 @@ def test_the_documented_example_message() -> None:
     ]
 
 
-KNOWN_TOP = "listen, admin_listen, upstream, store, timeouts, limits, defaults, routes, trusted_proxies, via, server, watch_config"
+KNOWN_TOP = (
+    "listen, admin_listen, upstream, store, timeouts, limits, tracing, defaults, routes, trusted_proxies, via, server,"
+    " watch_config"
+)
 DURATION = "a duration such as 2s, 250ms, 1.5m, 1h or 7d"
 SIZE = "a size such as 10MiB, 512KiB, 1GB or a number of bytes"
 ADDRESS = "host:port such as 0.0.0.0:8080, [::1]:8080 or :8080"

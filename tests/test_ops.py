@@ -349,6 +349,7 @@ async def test_access_log_writes_one_json_line_per_request(recording_upstream):
     expected = {
         "time", "request_id", "method", "route", "key", "status", "upstream_status", "decision",
         "store_ms", "upstream_ms", "ms", "bytes_in", "bytes_out", "pid", "level", "path", "client", "user_agent",
+        "trace_id", "span_id",
     }
     assert set(get) == expected
 

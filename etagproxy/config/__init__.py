@@ -55,7 +55,7 @@ from etagproxy.config.build import _Builder
 from etagproxy.config.dump import dump_effective
 from etagproxy.config.env import _apply_env, service_link
 from etagproxy.config.scalars import parse_duration, parse_size
-from etagproxy.config.schema import Bulk, Config, ConfigError, Limits, RouteConfig, StoreConfig, Timeouts
+from etagproxy.config.schema import Bulk, Config, ConfigError, Limits, RouteConfig, StoreConfig, Timeouts, Tracing
 from etagproxy.config.yamlsource import _Node, _Problems, _Reader
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "RouteConfig",
     "StoreConfig",
     "Timeouts",
+    "Tracing",
     "dump_effective",
     "load_config",
     "parse_config",

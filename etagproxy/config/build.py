@@ -13,11 +13,26 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Final
 
-from etagproxy.config.addresses import _STORE_EXPECTED, _URL_EXPECTED, _parse_listen, _parse_upstream, parse_store_url
+from etagproxy.config.addresses import (
+    _STORE_EXPECTED,
+    _URL_EXPECTED,
+    _parse_listen,
+    _parse_upstream,
+    parse_store_url,
+)
 from etagproxy.config.build_routes import _RouteBuilder
 from etagproxy.config.check import SECTIONS, _unknown_key
-from etagproxy.config.scalars import _count, _duration, _parse_network, _parse_server, _parse_str, _parse_via, _size
-from etagproxy.config.schema import Config, Limits, StoreConfig, Timeouts
+from etagproxy.config.scalars import (
+    _count,
+    _duration,
+    _parse_bool,
+    _parse_network,
+    _parse_server,
+    _parse_str,
+    _parse_via,
+    _size,
+)
+from etagproxy.config.schema import Config, Limits, StoreConfig, Timeouts, Tracing
 from etagproxy.config.yamlsource import _INVALID, _Invalid, _Node
 
 _TOP_KEYS: Final = (
@@ -27,6 +42,7 @@ _TOP_KEYS: Final = (
     "store",
     "timeouts",
     "limits",
+    "tracing",
     "defaults",
     "routes",
     "trusted_proxies",
@@ -62,8 +78,28 @@ _LIMIT_PARSERS: Final[dict[str, Callable[[object], int]]] = {
     "fingerprint_max": _size(minimum=0),
 }
 
+_TRACING_PARSERS: Final[dict[str, Callable[[object], bool]]] = {
+    "sampled": _parse_bool,
+    "otel": _parse_bool,
+}
 
-SECTIONS.update(timeouts=tuple(_TIMEOUT_PARSERS), limits=tuple(_LIMIT_PARSERS), store=_STORE_KEYS)
+
+def _otel_missing() -> str | None:
+    """Why `tracing.otel: true` cannot work here, or None when it can."""
+    try:
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError:
+        return (
+            "tracing.otel: true needs the OpenTelemetry SDK, which is not installed "
+            "(pip install 'etagproxy[otel]')"
+        )
+    return None
+
+
+SECTIONS.update(
+    timeouts=tuple(_TIMEOUT_PARSERS), limits=tuple(_LIMIT_PARSERS), tracing=tuple(_TRACING_PARSERS),
+    store=_STORE_KEYS,
+)
 
 
 class _Builder(_RouteBuilder):
@@ -105,6 +141,8 @@ class _Builder(_RouteBuilder):
             values["timeouts"] = Timeouts(**self.section(n, "timeouts", _TIMEOUT_PARSERS))
         if (n := node("limits")) is not None:
             values["limits"] = Limits(**self.section(n, "limits", _LIMIT_PARSERS))
+        if (n := node("tracing")) is not None:
+            values["tracing"] = self.tracing(n)
         if (n := node("trusted_proxies")) is not None and n.value is not None:
             values["trusted_proxies"] = self.sequence(
                 n, "trusted_proxies", "addresses or CIDRs", _parse_network
@@ -116,6 +154,13 @@ class _Builder(_RouteBuilder):
         if self.problems or any(v is _INVALID for v in values.values()):
             return None
         return Config(**values, source=source)
+
+    def tracing(self, node: _Node) -> Tracing:
+        settings = self.section(node, "tracing", _TRACING_PARSERS)
+        if settings.get("otel") and (why := _otel_missing()) is not None:
+            entries = node.value if isinstance(node.value, dict) else {}
+            self.problems.raw(entries["otel"][1], why)
+        return Tracing(**settings)
 
     def store(self, node: _Node) -> StoreConfig | _Invalid:
         if node.value is _INVALID:

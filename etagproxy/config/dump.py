@@ -40,6 +40,7 @@ def dump_effective(config: Config) -> dict[str, Any]:
         },
         "timeouts": dataclasses.asdict(config.timeouts),
         "limits": dataclasses.asdict(config.limits),
+        "tracing": dataclasses.asdict(config.tracing),
         "routes": [_route_json(r) for r in config.routes],
         "trusted_proxies": list(config.trusted_proxies),
         "via": config.via,

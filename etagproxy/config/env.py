@@ -23,7 +23,7 @@ _ENV_PREFIX: Final = "ETAGPROXY_"
 # Values used as they are: YAML would turn `:8080`-like text into numbers.
 _ENV_TEXT_KEYS: Final = frozenset({"listen", "admin_listen", "upstream", "via", "server"})
 # Mapping keys whose environment value is merged over the file's mapping.
-_ENV_MERGED_KEYS: Final = frozenset({"timeouts", "limits", "defaults", "store"})
+_ENV_MERGED_KEYS: Final = frozenset({"timeouts", "limits", "tracing", "defaults", "store"})
 
 
 def _env_reserved(name: str) -> bool:

@@ -1,6 +1,6 @@
 """The configuration's shape: `ConfigError` and the frozen dataclasses a
 checked configuration is made of (`Config`, `RouteConfig`, `StoreConfig`,
-`Timeouts`, `Limits`, `Bulk`), with their defaults.
+`Timeouts`, `Limits`, `Tracing`, `Bulk`), with their defaults.
 
 Owns the field names, types, defaults and documentation of every setting.
 Imports nothing else of config/ (only `derived.VersionSource`, the shape of
@@ -54,6 +54,19 @@ class Timeouts:
     """A client must send its whole request body within this."""
     keepalive: float = 75.0
     """Idle time after which a client keep-alive connection is closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tracing:
+    """W3C Trace Context and OpenTelemetry (docs/DEPLOYING.md, "Tracing")."""
+
+    sampled: bool = False
+    """The sampled flag of a trace the proxy starts (no valid traceparent
+    came in): true sends trace-flags 01, false 00."""
+    otel: bool = False
+    """Emit OpenTelemetry spans (needs the `otel` extra): a server span per
+    request with child spans for store and upstream calls, exported as the
+    SDK's environment says (OTEL_TRACES_EXPORTER, ...)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +229,7 @@ class Config:
     """The version store."""
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
+    tracing: Tracing = field(default_factory=Tracing)
     routes: tuple[RouteConfig, ...] = ()
     """In file order; the first match wins, unmatched requests are passthrough."""
     trusted_proxies: tuple[str, ...] = ()
