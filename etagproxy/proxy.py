@@ -135,8 +135,10 @@ class Proxy:
     def _trace(self, request: web.BaseRequest, ex: Exchange) -> None:
         """The request's place in a W3C trace (`tracing.py`)."""
         h = request.headers
+        # A request aiohttp could not parse carries a plain dict of headers.
+        getall = getattr(h, "getall", None)
         ex.trace_id, ex.parent_id, ex.trace_flags, ex.tracestate = tracing.incoming(
-            h.getall("traceparent", None), h.getall("tracestate", None),
+            getall("traceparent", None) if getall else None, getall("tracestate", None) if getall else None,
             sampled=self.io.config.tracing.sampled,
         )
         ex.span_id = tracing.new_span_id()
