@@ -9,6 +9,11 @@
 # at hand, should one lack a wheel); stage 2 installs them offline into a
 # clean slim image that runs as an unprivileged user. Deployment notes:
 # docs/DEPLOYING.md.
+#
+# PYTHON_IMAGE picks the base of both stages: any image with `python` and
+# `pip` on PATH, pip free to install, groupadd/useradd and a reachable
+# package index, e.g. the local Debian base tests/test_image.py builds:
+#   podman build --build-arg PYTHON_IMAGE=localhost/debian-python:bookworm .
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
