@@ -2,8 +2,11 @@
 `redis+cluster://`.
 
 Every operation on a resource is one Lua script (`lua/*.lua`, each headed by
-what its KEYS, ARGV and reply mean) run on the one cluster slot that holds
-the resource, so replicas of the proxy sharing one Redis see one history.
+what its KEYS, ARGV and reply mean; loaded and run by redis_scripts.py) on
+the one cluster slot that holds the resource, so replicas of the proxy
+sharing one Redis see one history. This module encodes each operation's
+arguments, decodes its reply and turns every failure into StoreError;
+redis_connect.py builds the redis-py clients.
 
 Keys: `<prefix>{<key>}` is the resource (a hash: committed version, or
 pending write over it, see `lua/prelude.lua`); `<prefix>{<key>}:r:<reader>`
@@ -26,12 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
-import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from importlib import resources
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from etagproxy.store.base import (
@@ -48,12 +48,26 @@ from etagproxy.store.base import (
     WriteCondition,
     new_token,
 )
-from etagproxy.store.resp import ReplyError, RespClient, RespError
+from etagproxy.store.redis_calls import RedisCalls
+from etagproxy.store.redis_connect import redis_py_client
+from etagproxy.store.redis_scripts import (
+    BEGIN,
+    CONFIRM,
+    END,
+    FINGERPRINT,
+    INSPECT,
+    INVALIDATE,
+    OBSERVE,
+    PUT_REPLAY,
+    _ClusterScript,
+    _LeanScript,
+    redis_key,
+)
+from etagproxy.store.resp import RespClient
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.cluster import RedisCluster
-    from redis.commands.core import AsyncScript
 
     from etagproxy.config import StoreConfig
 
@@ -62,51 +76,12 @@ if TYPE_CHECKING:
 WEEK_MS = 7 * 86_400_000
 
 
-def _lua(name: str) -> str:
-    return resources.files(__package__).joinpath("lua", name).read_text("utf-8")
-
-
-# Script flags (Redis 7.0+, the first line of a script) decide what a full
-# store does at maxmemory under `noeviction`. Without flags Redis checks
-# memory only at a script's first write command, and DEL or PERSIST first
-# (as `commit` does) would let a script grow a full store without bound.
-# - GROWS: refused whole when the store is full (OOM -> StoreError
-#   "store-full" -> 503): BEGIN, OBSERVE and PUT_REPLAY add keys.
-# - SETTLES: allowed when full: they change keys that exist, in place, and
-#   a write in flight must be able to end and an invalidation to land, or
-#   a stale tag could validate.
-# - READS: writes nothing; runs anywhere.
-GROWS = "#!lua\n"
-SETTLES = "#!lua flags=allow-oom\n"
-READS = "#!lua flags=no-writes,allow-oom\n"
-_PRELUDE = _lua("prelude.lua")
-OBSERVE = GROWS + _PRELUDE + _lua("observe.lua")
-BEGIN = GROWS + _PRELUDE + _lua("begin.lua")
-END = SETTLES + _PRELUDE + _lua("end.lua")
-INVALIDATE = SETTLES + _PRELUDE + _lua("invalidate.lua")
-FINGERPRINT = SETTLES + _PRELUDE + _lua("fingerprint.lua")
-CONFIRM = SETTLES + _PRELUDE + _lua("confirm.lua")
-PUT_REPLAY = GROWS + _lua("put_replay.lua")
-INSPECT = READS + _PRELUDE + _lua("inspect.lua")
-
 # Waiting behind another write: poll BEGIN with exponential backoff. END in
 # this process wakes local waiters at once; waiters in other processes notice
 # within _POLL_CAP_S (pub/sub would save those milliseconds on a path that is
 # already contended, for a subscriber connection per shard to keep alive).
 _POLL_FIRST_S = 0.001
 _POLL_CAP_S = 0.020
-
-
-def redis_key(prefix: str, key: str) -> str:
-    """The Redis key of resource `key`: the key, escaped, as the hash tag."""
-    tag = key.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
-    # "%00" is no escape's output, so the empty key cannot collide; an empty
-    # tag would make Redis hash the whole name and split the resource's keys.
-    return f"{prefix}{{{tag or '%00'}}}"
-
-
-def _as_is(reply: Any) -> Any:
-    return reply
 
 
 def _observation(reply: list[Any]) -> Observation:
@@ -162,115 +137,7 @@ class _Wakeups:
             item[0].set()
 
 
-class _LeanScript:
-    """A script run through the pipelined RespClient, shaped like redis-py's
-    AsyncScript (`await script(keys, args)`, `.sha`, `.script`)."""
-
-    def __init__(self, client: RespClient, script: str) -> None:
-        self._client = client
-        self.script = script
-        self.sha = hashlib.sha1(script.encode()).hexdigest()
-
-    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
-        return await self._client.evalsha(self.script, keys, args)
-
-    async def many(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """The script once per call, all in one write; loaded on NOSCRIPT.
-        Everything within one deadline."""
-        client = self._client
-        until = client.deadline()
-        commands = [("EVALSHA", self.sha, len(keys), *keys, *args) for keys, args in calls]
-        try:
-            return (await client.pipeline(commands, until))[0]
-        except ReplyError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-        await client.execute("SCRIPT", "LOAD", self.script, until=until)
-        return (await client.pipeline(commands, until))[0]
-
-
-class _ClusterScript:
-    """A script on a RedisCluster, shaped like redis-py's AsyncScript.
-
-    redis-py (8.2, asyncio cluster) answers an ASK (a key already moved out
-    of a migrating slot) by sending ASKING on one pooled connection of the
-    importing node and the command on another: without its ASKING the
-    command is answered MOVED back to the old owner, and a busy client
-    bounces between the two until its redirections run out ("TTL
-    exhausted"), for as long as the slot migrates. Here the script follows
-    its own redirections: MOVED patches the slot map and goes to the new
-    owner, ASK sends ASKING and the script in one pipeline on one connection,
-    TRYAGAIN (a multi-key call split by a migration) goes round again,
-    NOSCRIPT loads the script on that node. A node down, the cluster down or
-    a slot uncovered go to redis-py's own path, which refreshes the
-    topology. All of it within the caller's deadline (`_guard`)."""
-
-    _HOPS = 16
-    """Redirections before giving up, as redis-py (RedisClusterRequestTTL)."""
-
-    def __init__(self, cluster: RedisCluster, script: str) -> None:
-        self._cluster = cluster
-        self._inner = cluster.register_script(script)
-        self.script = script
-        self.sha = self._inner.sha
-
-    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
-        from redis.exceptions import AskError, MovedError, NoScriptError, TryAgainError
-
-        cluster = self._cluster
-        command = ("EVALSHA", self.sha, len(keys), *keys, *args)
-        node = cluster.get_node_from_key(keys[0])
-        asking = False
-        for hop in range(self._HOPS):
-            if node is None:
-                break
-            try:
-                if asking:
-                    return await self._asking(node, command)
-                return await node.execute_command(*command)
-            except NoScriptError:
-                await node.execute_command("SCRIPT", "LOAD", self.script)
-            except MovedError as exc:
-                exc.host = exc.host or node.host
-                await cluster.nodes_manager.move_slot(exc)
-                node, asking = cluster.get_node_from_key(keys[0]), False
-            except AskError as exc:
-                host, port = cluster.nodes_manager.remap_host_port(exc.host or node.host, exc.port)
-                node, asking = cluster.get_node(host, port), True
-            except TryAgainError:
-                await asyncio.sleep(0.001 * (hop + 1))
-                node, asking = cluster.get_node_from_key(keys[0]), False
-            except Exception as exc:
-                if not self._node_trouble(exc):
-                    raise
-                break
-        return await self._inner(keys, args)
-
-    @staticmethod
-    def _node_trouble(exc: Exception) -> bool:
-        """Whether redis-py's own path should take over: it refreshes the
-        topology on these."""
-        from redis.exceptions import ClusterDownError, SlotNotCoveredError
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
-
-        return isinstance(exc, (RedisConnectionError, RedisTimeoutError, ClusterDownError, SlotNotCoveredError))
-
-    @staticmethod
-    async def _asking(node: Any, command: tuple[Any, ...]) -> Any:
-        """ASKING and `command` on one connection of `node`; the command's
-        reply, or its error raised."""
-        from redis.asyncio.cluster import PipelineCommand
-
-        calls = [PipelineCommand(0, "ASKING"), PipelineCommand(1, *command)]
-        await node.execute_pipeline(calls)
-        for call in calls:
-            if isinstance(call.result, Exception):
-                raise call.result
-        return calls[1].result
-
-
-class RedisStore:
+class RedisStore(RedisCalls):
     """A `VersionStore` in Redis, shared by every proxy process that uses it.
 
     The store owns its clients and closes them in `close()`. Every call is
@@ -350,7 +217,7 @@ class RedisStore:
         client: RedisClient | None = None
         closing: list[Redis] = []
         if lean is None or cfg.min_replicas:
-            client, closing = _redis_py_client(cfg, timeout_s)
+            client, closing = redis_py_client(cfg, timeout_s)
         return cls(
             client,
             prefix=cfg.prefix,
@@ -362,67 +229,6 @@ class RedisStore:
             lean=lean,
         )
 
-    # -- plumbing ------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def _guard(self, op: str, extra_s: float = 0.0) -> AsyncIterator[None]:
-        """Bound one redis-py round trip and translate every failure to StoreError."""
-        try:
-            async with asyncio.timeout(self._timeout_s + extra_s):
-                if self._cluster is not None:
-                    # redis-py's cluster client can break connections when
-                    # its first commands run concurrently (AttributeError on
-                    # a closed writer, redis-py 8.1); connecting before any
-                    # command goes out avoids it. A no-op once connected.
-                    await self._cluster.initialize()
-                yield
-        except Exception as exc:
-            raise self._store_error(op, exc, extra_s) from exc
-
-    async def _call(
-        self, op: str, script: Any, keys: list[str], args: list[Any],
-        then: Callable[[Any], Any] = _as_is,
-    ) -> Any:
-        """Run one script and `then` on its reply: through the lean client
-        when there is one (it bounds the call by `timeout_s` itself), else
-        guarded. A reply of the wrong shape is a StoreError too."""
-        if self._lean is None:
-            async with self._guard(op):
-                return then(await script(keys, args))
-        return await self._answer(op, script(keys, args), then)
-
-    async def _answer(self, op: str, call: Awaitable[Any], then: Callable[[Any], Any] = _as_is) -> Any:
-        """Await a call of the lean client and `then` on its reply,
-        translating every failure to StoreError."""
-        try:
-            return then(await call)
-        except Exception as exc:
-            raise self._store_error(op, exc) from exc
-
-    def _store_error(self, op: str, exc: Exception, extra_s: float = 0.0) -> StoreError:
-        if isinstance(exc, TimeoutError):
-            ms = round((self._timeout_s + extra_s) * 1000)
-            return StoreError(f"redis {op}: no answer within {ms} ms", "store-timeout")
-        if isinstance(exc, RespError):
-            return StoreError(f"redis {op}: unreachable: {exc}", "store-unreachable")
-        if isinstance(exc, ReplyError):
-            return StoreError(f"redis {op}: {exc}", _reply_kind(str(exc)))
-        if self._client is not None:
-            from redis.exceptions import ConnectionError as RedisConnectionError
-            from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisError
-
-            if isinstance(exc, RedisConnectionError):
-                return StoreError(f"redis {op}: unreachable: {exc}", "store-unreachable")
-            if isinstance(exc, OutOfMemoryError):
-                # redis-py strips the "OOM" code from the message.
-                return StoreError(f"redis {op}: OOM {exc}", "store-full")
-            if isinstance(exc, (RedisError, RedisClusterException)):
-                return StoreError(f"redis {op}: {exc}", _reply_kind(str(exc)))
-        # A client-internal failure (races like the one in `_guard`) or a
-        # reply of the wrong shape: the store did not answer usably either
-        # way, and callers fail closed on StoreError.
-        return StoreError(f"redis {op}: client failure: {exc!r}")
-
     def _saw_epoch(self, run_id: str) -> None:
         if self.epoch and run_id != self.epoch and self._cluster is None:
             self._restarted = run_id
@@ -430,38 +236,6 @@ class RedisStore:
 
     def _rkey(self, key: str) -> str:
         return redis_key(self._prefix, key)
-
-    async def _pipelined(
-        self, script: AsyncScript | _LeanScript, calls: list[tuple[list[str], list[Any]]], *, wait_for: int = 0
-    ) -> list[Any]:
-        """Run `script` once per call in one round trip per node, followed by
-        `WAIT wait_for` on the same connection when `wait_for` > 0. Sends
-        EVALSHA itself: a pipeline given Script objects asks SCRIPT EXISTS
-        first every time."""
-        if not wait_for and isinstance(script, _LeanScript):
-            return await script.many(calls)
-        assert self._client is not None
-        from redis.exceptions import NoScriptError
-
-        for attempt in (1, 2):
-            pipe = self._client.pipeline(transaction=False)
-            for keys, args in calls:
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            if wait_for:
-                target: dict[str, Any] = {}
-                if self._cluster is not None:
-                    # WAIT counts the replicas of the node the script ran on.
-                    target["target_nodes"] = self._cluster.get_node_from_key(calls[0][0][0])
-                pipe.execute_command("WAIT", wait_for, self._min_replicas_timeout_ms, **target)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-            if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
-                await self._client.script_load(script.script)
-                continue
-            break
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        return results
 
     # -- VersionStore --------------------------------------------------------
 
@@ -632,113 +406,3 @@ class RedisStore:
             return KeyInfo(key, "absent", None, extra=extra)
         extra["ttl_ms"] = str(pttl)
         return KeyInfo(key, "committed", version, extra=extra)
-
-    async def ping(self) -> None:
-        if self._lean is not None:
-            await self._answer("ping", self._lean.execute("PING"))
-            return
-        async with self._guard("ping"):
-            await self._client.ping()  # type: ignore[union-attr]
-
-    async def server_settings(self) -> dict[str, str]:
-        """`redis_version` (INFO server) and `maxmemory_policy` (CONFIG GET,
-        absent where CONFIG is renamed or refused, as on managed services).
-        A cluster answers per node: the first node that says, with an
-        `allkeys-*` policy of any node winning."""
-        settings: dict[str, str] = {}
-        if self._lean is not None:
-            info = await self._answer("info", self._lean.execute("INFO", "server"))
-            text = info.decode() if isinstance(info, bytes) else str(info)
-            line = re.search(r"^redis_version:(\S+)", text, re.M)
-            if line:
-                settings["redis_version"] = line.group(1)
-            try:
-                reply = await self._answer("config", self._lean.execute("CONFIG", "GET", "maxmemory-policy"))
-            except StoreError as exc:
-                if exc.kind in ("store-timeout", "store-unreachable"):
-                    raise
-                return settings
-            values = [v.decode() if isinstance(v, bytes) else str(v) for v in reply]
-            if len(values) >= 2:
-                settings["maxmemory_policy"] = values[1]
-            return settings
-        async with self._guard("info"):
-            info = await self._client.info("server")  # type: ignore[union-attr]
-        versions = _per_node(info, "redis_version")
-        if versions:
-            settings["redis_version"] = min(versions, key=_release)
-        try:
-            async with self._guard("config"):
-                found = await self._client.config_get("maxmemory-policy")  # type: ignore[union-attr]
-        except StoreError as exc:
-            if exc.kind in ("store-timeout", "store-unreachable"):
-                raise
-            return settings
-        policies = _per_node(found, "maxmemory-policy")
-        if policies:
-            settings["maxmemory_policy"] = sorted(policies, key=lambda v: not v.startswith("allkeys-"))[0]
-        return settings
-
-    async def close(self) -> None:
-        if self._lean is not None:
-            await self._lean.close()
-        if self._client is not None:
-            await self._client.aclose()
-        for client in self._closing:
-            await client.aclose()
-
-
-def _per_node(reply: Any, name: str) -> list[str]:
-    """`name` from a redis-py INFO or CONFIG GET reply: one mapping, or (a
-    cluster) a mapping of node to mapping."""
-    if not isinstance(reply, dict):
-        return []
-    if name in reply:
-        return [str(reply[name])]
-    return [str(v[name]) for v in reply.values() if isinstance(v, dict) and name in v]
-
-
-def _release(text: str) -> tuple[int, ...]:
-    """"7.0.15" -> (7, 0, 15); parts that are not numbers count as 0."""
-    return tuple(int(p) if p.isdigit() else 0 for p in text.split("."))
-
-
-def _reply_kind(message: str) -> str:
-    """StoreError.kind of an error reply."""
-    return "store-full" if message.startswith("OOM") or "OOM command not allowed" in message else "store-error"
-
-
-def _redis_py_client(cfg: StoreConfig, timeout_s: float) -> tuple[RedisClient, list[Redis]]:
-    """A redis-py client for `cfg` and the Sentinel clients to close with it."""
-    from redis.asyncio import Redis
-    from redis.asyncio.cluster import ClusterNode, RedisCluster
-    from redis.asyncio.retry import Retry
-    from redis.asyncio.sentinel import Sentinel
-    from redis.backoff import NoBackoff
-
-    common: dict[str, Any] = {
-        "username": cfg.username,
-        "password": cfg.password,
-        "socket_connect_timeout": timeout_s,
-        # One immediate retry on a fresh connection hides pooled
-        # connections that died with a restarted server. Repeating a
-        # script whose reply was lost is harmless: BEGIN recognises its
-        # own call, a repeated END reports the lease lost (no ETag), the
-        # others at worst mint once more.
-        "retry": Retry(NoBackoff(), 1),
-    }
-    if cfg.tls:
-        common["ssl"] = True
-    if cfg.kind == "cluster":
-        nodes = [ClusterNode(host, port) for host, port in cfg.hosts]
-        return RedisCluster(startup_nodes=nodes, **common), []
-    if cfg.kind == "sentinel":
-        if not cfg.service_name:
-            raise ValueError("a sentinel store needs the master's service name")
-        sentinel_kwargs = {"socket_connect_timeout": timeout_s, "ssl": cfg.tls}
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # unannotated in redis-py
-            list(cfg.hosts), sentinel_kwargs=sentinel_kwargs, db=cfg.db, **common
-        )
-        return sentinel.master_for(cfg.service_name), list(sentinel.sentinels)
-    host, port = cfg.hosts[0]
-    return Redis(host=host, port=port, db=cfg.db, **common), []
