@@ -21,7 +21,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,7 +37,20 @@ from etagproxy.problems import problem
 from etagproxy.store.base import StoreError
 
 if TYPE_CHECKING:
-    from etagproxy.app import ProxyServer
+    from etagproxy.config.schema import Config
+    from etagproxy.store.base import VersionStore
+
+
+class ProxyServer(Protocol):
+    """What the admin port reads of the process it serves (app.ProxyServer),
+    named here so that this module does not import app.py."""
+
+    config: Config
+    store: VersionStore | None
+    metrics: Metrics
+    draining: bool
+    port: int
+    admin_port: int
 
 log = logging.getLogger("etagproxy")
 
