@@ -522,18 +522,3 @@ async def test_several_vary_lines_all_count_for_the_representation_tag(make_prox
         async with s.get(proxy.url + "/api/sites/1/", headers={"Accept": "application/xml"}) as r:
             as_xml = r.headers["ETag"]
     assert as_json != as_xml, "two content types of one version share a strong tag"
-
-
-def test_the_lease_outlasts_the_upstream_deadline_and_the_replica_wait():
-    from etagproxy.config import parse_config
-    from etagproxy.writes import lease_ms
-
-    plain = parse_config("upstream: http://127.0.0.1:1\ntimeouts: {upstream: 5s, store: 200ms}\n")
-    replicated = parse_config(
-        "upstream: http://127.0.0.1:1\ntimeouts: {upstream: 5s, store: 200ms}\n"
-        "store: {url: 'redis://127.0.0.1:1/0', min_replicas: 1, min_replicas_timeout: 3s}\n"
-    )
-    lease = lease_ms(plain)
-    assert lease > 5000 + 2 * 200
-    lease_wait = lease_ms(replicated)
-    assert lease_wait >= lease + 3000
