@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import configs  # noqa: E402
 import load  # noqa: E402
+import procstat  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
 from stack import BENCH, REPO, Service, Stack, StartError, free_port, wait_http  # noqa: E402
@@ -127,15 +128,21 @@ def measure(target: run.Target, scenario: str, plan: run.Plan, body: bytes, work
     script = run.script_for(target, load.BY_NAME[scenario], plan.connections, plan, body, workdir)
     watched = {"self": target.service, "redis": redis, "origin": origin}
     before = {k: s.cpu() for k, s in watched.items()}
+    busy = procstat.machine_busy_seconds()
     r = load.run_wrk(port=target.service.port, script=script, connections=plan.connections,
                      duration_s=plan.duration, threads=plan.threads)
+    busy = procstat.machine_busy_seconds() - busy
     cpu = {k: s.cpu() - before[k] for k, s in watched.items()}
     n = max(r.requests, 1)
+    # What processes outside this run took meanwhile, in cores (the origin
+    # is not counted twice for the nginx target, which is not the origin).
+    other = max(0.0, busy - sum(cpu.values()) - r.cpu_s) / r.duration_s if r.duration_s else 0.0
     return {
         "target": target.name, "scenario": scenario, "requests": r.requests, "rps": round(r.rps, 1),
         "errors": r.error_count, "p50_us": r.p50_us, "p99_us": r.p99_us,
         "cpu_us": round(cpu["self"] / n * 1e6, 2), "redis_us": round(cpu["redis"] / n * 1e6, 2),
         "origin_us": round(cpu["origin"] / n * 1e6, 2), "wrk_us": round(r.cpu_s / n * 1e6, 2),
+        "other_cores": round(other, 2),
     }
 
 
@@ -279,7 +286,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
             if cell:
                 out.setdefault(s, {})[t] = {
                     k: round(statistics.median(r[k] for r in cell), 1)
-                    for k in ("cpu_us", "redis_us", "origin_us", "rps")
+                    for k in ("cpu_us", "redis_us", "origin_us", "rps", "other_cores")
                 } | {"errors": sum(r["errors"] for r in cell)}
     return out
 
@@ -338,6 +345,10 @@ def markdown_block(result: dict[str, Any]) -> str:
         "**CPU µs per request** of each server's processes (`+ n`: redis-server's µs per request on top):\n\n"
         + _markdown(table_rows(result))
     )
+    others = [c["other_cores"] for cells in result["summary"].values() for c in cells.values()]
+    if others:
+        text += (f"\n\nCPU taken by processes outside the run while wrk ran: median {statistics.median(others):.2f}, "
+                 f"at most {max(others):.2f} cores (of {m['cores']}); it lowers req/s, not CPU per request.")
     if result.get("drf"):
         d = result["drf"]
         text += (
@@ -438,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                         r["round"] = rnd + 1
                         runs.append(r)
                         log(f"  [{rnd + 1}] {s:12s} {name:16s} {r['rps']:9.0f} req/s  {r['cpu_us']:6.1f} us/req  "
-                            f"redis {r['redis_us']:5.1f}  errors {r['errors']}")
+                            f"redis {r['redis_us']:5.1f}  other {r['other_cores']:.2f} cores  errors {r['errors']}")
             if args.drf_requests > 0:
                 log(f"cpu_floor: DRF app, {args.drf_requests} requests per method and path")
                 try:
