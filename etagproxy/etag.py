@@ -165,10 +165,12 @@ def make_etag(token: str, variant: str = "") -> EntityTag:
     Raises ValueError if the result would not be a valid entity-tag or its
     token part would not be `token`: that is a programming error, not input.
     """
-    if not token or "-" in token or not _OPAQUE.fullmatch(token):
+    # ASCII letters and digits (every token the stores mint) are etagc and
+    # no `-`: the grammar is only consulted for anything else.
+    if not (token.isascii() and token.isalnum()) and (not token or "-" in token or not _OPAQUE.fullmatch(token)):
         raise ValueError(f"invalid version token {token!r}")
     if not variant:
         return EntityTag(token)
-    if not _OPAQUE.fullmatch(variant):
+    if not (variant.isascii() and variant.isalnum()) and not _OPAQUE.fullmatch(variant):
         raise ValueError(f"invalid representation variant {variant!r}")
     return EntityTag(f"{token}-{variant}")
