@@ -95,6 +95,26 @@ def parse_tag_list(value: str | None) -> TagList | None:
         return None
     if not isinstance(value, str):
         return _MALFORMED
+    # A TagList is immutable: a value seen before (a client revalidating the
+    # same tag, a short circuit that falls through to `evaluate`) is parsed
+    # once. Bounded in entries and in the length of a value kept; full, the
+    # memo starts over.
+    parsed = _PARSED.get(value)
+    if parsed is None:
+        parsed = _parse_tag_list(value)
+        if len(value) <= _PARSED_LONGEST:
+            if len(_PARSED) >= _PARSED_MAX:
+                _PARSED.clear()
+            _PARSED[value] = parsed
+    return parsed
+
+
+_PARSED: dict[str, TagList] = {}
+_PARSED_MAX = 4096
+_PARSED_LONGEST = 256
+
+
+def _parse_tag_list(value: str) -> TagList:
     single = _ENTITY_TAG.fullmatch(value)
     if single is not None:  # the usual case: one tag, no list
         return TagList(any=False, tags=(EntityTag(single.group(2), weak=single.group(1) is not None),))
@@ -145,10 +165,12 @@ def make_etag(token: str, variant: str = "") -> EntityTag:
     Raises ValueError if the result would not be a valid entity-tag or its
     token part would not be `token`: that is a programming error, not input.
     """
-    if not token or "-" in token or not _OPAQUE.fullmatch(token):
+    # ASCII letters and digits (every token the stores mint) are etagc and
+    # no `-`: the grammar is only consulted for anything else.
+    if not (token.isascii() and token.isalnum()) and (not token or "-" in token or not _OPAQUE.fullmatch(token)):
         raise ValueError(f"invalid version token {token!r}")
     if not variant:
         return EntityTag(token)
-    if not _OPAQUE.fullmatch(variant):
+    if not (variant.isascii() and variant.isalnum()) and not _OPAQUE.fullmatch(variant):
         raise ValueError(f"invalid representation variant {variant!r}")
     return EntityTag(f"{token}-{variant}")

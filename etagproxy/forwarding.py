@@ -122,7 +122,7 @@ class Forwarding:
 
     def minted(self, cause: Cause | None) -> None:
         if cause is not None:
-            self.metrics.tokens_minted.labels(cause.value).inc()
+            self.labelled(self.metrics.tokens_minted, cause.value).inc()
 
     def upstream_headers(
         self, request: web.BaseRequest, ex: Exchange, drop: frozenset[str], *, keep_framing: bool

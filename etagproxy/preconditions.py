@@ -77,26 +77,18 @@ class Conditionals:
         list, which is not a valid date.
         """
         getall = getattr(headers, "getall", None)
-
-        def field(name: str) -> str | None:
-            if getall is not None:
-                values = getall(name, None)
-                if not values:
-                    return None
-                if len(values) == 1:
-                    return str(values[0])
-                return ", ".join(str(v) for v in values)
-            value = headers.get(name)
-            return None if value is None else str(value)
-
-        return cls(
-            if_match=field("If-Match"),
-            if_none_match=field("If-None-Match"),
-            if_modified_since=field("If-Modified-Since"),
-            if_unmodified_since=field("If-Unmodified-Since"),
-            if_range=field("If-Range"),
-            range=field("Range"),
-        )
+        if getall is None:
+            found = [headers.get(name) for name in _FIELDS]
+            fields = [None if value is None else str(value) for value in found]
+        else:
+            lines = [getall(name, None) for name in _FIELDS]
+            if not any(lines):
+                return _NONE  # the usual read: no conditional at all
+            fields = [
+                None if not values else str(values[0]) if len(values) == 1 else ", ".join(str(v) for v in values)
+                for values in lines
+            ]
+        return cls(*fields)
 
     @property
     def any(self) -> bool:
@@ -107,6 +99,12 @@ class Conditionals:
             or self.if_modified_since is not None
             or self.if_unmodified_since is not None
         )
+
+
+# The fields of Conditionals, in its order; a request without any of them
+# shares one instance.
+_FIELDS = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range", "Range")
+_NONE = Conditionals()
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,7 +69,7 @@ class Reads:
         if obs is not None and cfg.short_circuit and not obs.pending and cond.if_none_match:
             early = self.short_circuit.answer(request.headers, ex, cfg, cond, obs, qpart)
             if early is not None:
-                self.io.metrics.preconditions.labels(ex.route, "not_modified").inc()
+                self.io.labelled(self.io.metrics.preconditions, ex.route, "not_modified").inc()
                 return early
 
         headers = self._read_headers(request, ex, cfg, cond, named)
@@ -160,11 +160,11 @@ class Reads:
         tag = rep.etag
         if decision is Decision.NOT_MODIFIED and tag is not None:
             ex.decision = "not_modified"
-            self.io.metrics.preconditions.labels(ex.route, "not_modified").inc()
+            self.io.labelled(self.io.metrics.preconditions, ex.route, "not_modified").inc()
             return not_modified(ex.rid, self.io.config.via, tag, out)
         if decision is Decision.PRECONDITION_FAILED:
             ex.decision = "precondition_failed"
-            self.io.metrics.preconditions.labels(ex.route, "precondition_failed").inc()
+            self.io.labelled(self.io.metrics.preconditions, ex.route, "precondition_failed").inc()
             return problem(
                 412, "precondition-failed",
                 "The resource has changed since the version named in the precondition. "

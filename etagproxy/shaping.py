@@ -17,7 +17,8 @@ __all__ = ["not_modified"]
 
 def not_modified(rid: str, via: str, tag: EntityTag, upstream_headers: CIMultiDict[str]) -> web.Response:
     """304 for `tag`, with the NOT_MODIFIED_FIELDS of `upstream_headers` (the
-    200's, or the ones kept for a short circuit) and their Via, if any."""
+    200's) and their Via, if any. A short circuit's 304 has the same lines,
+    kept with its selection (`shortcircuit.ShortCircuit.remember`)."""
     resp = web.Response(status=304)
     for name in NOT_MODIFIED_FIELDS:
         for value in upstream_headers.getall(name, ()):

@@ -4,7 +4,9 @@ No I/O: the store's observation of the key (its version, and whether these
 credentials got a 2xx for it within `short_circuit_ttl`) is taken by the
 read path; this decides whether that is enough to skip the upstream, from
 how each tag's representation was selected (`variants.Selected`), which is
-kept per process, bounded, least recently used first out.
+kept per process, bounded, least recently used first out, together with
+the header lines of the 304 it allows (the same ones `shaping.not_modified`
+would build from them), so a short circuit builds no header map of its own.
 """
 
 from __future__ import annotations
@@ -12,15 +14,14 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 from etagproxy.config import RouteConfig
 from etagproxy.etag import EntityTag, parse_tag_list
 from etagproxy.exchange import Exchange
 from etagproxy.preconditions import Conditionals
-from etagproxy.shaping import not_modified
 from etagproxy.store.base import Observation
-from etagproxy.variants import Selected
+from etagproxy.variants import NOT_MODIFIED_FIELDS, Selected
 
 __all__ = ["SELECTED_MAX", "ShortCircuit"]
 
@@ -33,11 +34,20 @@ class ShortCircuit:
     def __init__(self, via: str, size: int = SELECTED_MAX) -> None:
         self.via = via
         self.size = size
-        self.selected: OrderedDict[tuple[str, str], Selected] = OrderedDict()
+        self.selected: OrderedDict[tuple[str, str], tuple[Selected, tuple[tuple[str, str], ...]]] = OrderedDict()
+        """(key, opaque tag) -> how it was selected, and its 304's header lines."""
 
     def remember(self, key: str, tag: EntityTag, selected: Selected) -> None:
         """Keep how `tag` was selected (bounded, LRU)."""
-        self.selected[(key, tag.opaque)] = selected
+        # What `shaping.not_modified` puts in a 304 for these fields: the
+        # NOT_MODIFIED_FIELDS in that order under their own spelling, the
+        # tag, and the proxy's Via (the request id follows per answer).
+        lines = [
+            (name, value) for name in NOT_MODIFIED_FIELDS
+            for field, value in selected.fields if field.lower() == name.lower()
+        ]
+        lines += [("ETag", str(EntityTag(tag.opaque))), ("Via", f"1.1 {self.via}")]
+        self.selected[(key, tag.opaque)] = (selected, tuple(lines))
         self.selected.move_to_end((key, tag.opaque))
         if len(self.selected) > self.size:
             self.selected.popitem(last=False)
@@ -62,10 +72,11 @@ class ShortCircuit:
             # The version must be current, and this request must select the
             # representation the tag was given to (weak comparison, §13.1.2).
             seen = self.selected.get((ex.key, tag.opaque)) if tag.token == token else None
-            if seen is None or not seen.selects(qpart, request_headers):
+            if seen is None or not seen[0].selects(qpart, request_headers):
                 continue
             ex.decision = "short_circuit"
-            headers: CIMultiDict[str] = CIMultiDict(seen.fields)
-            headers["Via"] = f"1.1 {self.via}"
-            return not_modified(ex.rid, self.via, EntityTag(tag.opaque), headers)
+            resp = web.Response(status=304)
+            resp.headers.extend(seen[1])
+            resp.headers["X-Request-ID"] = ex.rid
+            return resp
         return None

@@ -31,8 +31,7 @@ import asyncio
 import math
 import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterable
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
@@ -172,8 +171,7 @@ class Upstream:
         if chunked:
             await conn.write(b"0\r\n\r\n")
 
-    @asynccontextmanager
-    async def request(
+    def request(
         self,
         method: str,
         url: tuple[Origin, str],
@@ -182,8 +180,9 @@ class Upstream:
         *,
         timeout: float,
         whole: bool = True,
-    ) -> AsyncIterator[UpstreamResponse]:
-        """Send one request; yield its response once the headers are in.
+    ) -> _Request:
+        """Send one request; `async with` it for its response once the
+        headers are in.
 
         `timeout` bounds the exchange up to the response headers; with
         `whole` it bounds the body too (writes: the lease must outlast the
@@ -191,6 +190,18 @@ class Upstream:
         long download that keeps flowing is not cut off. When it passes the
         connection is aborted and the reader gets UpstreamTimeout.
         """
+        return _Request(self, method, url, headers, body, timeout, whole)
+
+    async def _open(
+        self,
+        method: str,
+        url: tuple[Origin, str],
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterable[bytes] | None,
+        timeout: float,
+        whole: bool,
+    ) -> _Connection:
+        """A connection with the request sent and the response's headers in."""
         origin, target = url
         pooled = self._checkout(origin)
         # The loop's clock, from a pooled connection if there is one:
@@ -223,16 +234,13 @@ class Upstream:
             if not whole:
                 conn.expect_by(math.inf)
                 conn.idle = timeout
-            yield UpstreamResponse(conn, method == "HEAD")
+            return conn
         except BaseException:
-            # Failed, cancelled, or the consumer raised: the connection is in
-            # an unknown state and is never reused.
+            # Failed or cancelled: the connection is in an unknown state and
+            # is never reused.
             if conn is not None:
                 conn.close()
             raise
-        else:
-            conn.expect_by(math.inf)  # type: ignore[union-attr]
-            self._release(origin, conn)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         self._closed = True
@@ -240,6 +248,41 @@ class Upstream:
             for conn in pool:
                 conn.close()
         self._idle.clear()
+
+
+class _Request:
+    """`Upstream.request`'s context manager: the response while the block
+    runs; afterwards the connection goes back to the pool, or is closed if
+    the block raised (or was cancelled), since its state is then unknown.
+    A class rather than `contextlib.asynccontextmanager`: no generator to
+    drive on the way in and out of every upstream exchange."""
+
+    __slots__ = ("upstream", "method", "url", "headers", "body", "timeout", "whole", "conn")
+
+    def __init__(
+        self, upstream: Upstream, method: str, url: tuple[Origin, str], headers: CIMultiDict[str],
+        body: bytes | AsyncIterable[bytes] | None, timeout: float, whole: bool,
+    ) -> None:
+        self.upstream, self.method, self.url, self.headers = upstream, method, url, headers
+        self.body, self.timeout, self.whole = body, timeout, whole
+        self.conn: _Connection | None = None
+
+    async def __aenter__(self) -> UpstreamResponse:
+        conn = self.conn = await self.upstream._open(
+            self.method, self.url, self.headers, self.body, self.timeout, self.whole
+        )
+        return UpstreamResponse(conn, self.method == "HEAD")
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        conn = self.conn
+        assert conn is not None
+        if exc_type is not None:
+            # The consumer raised (or was cancelled): the connection is in
+            # an unknown state and is never reused.
+            conn.close()
+            return
+        conn.expect_by(math.inf)
+        self.upstream._release(self.url[0], conn)
 
 
 def body_errors() -> tuple[type[BaseException], ...]:

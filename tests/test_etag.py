@@ -299,3 +299,17 @@ def test_random_bytes_differ_between_a_process_and_its_forked_child():
     os.close(read)
     os.waitpid(pid, 0)
     assert len(child) == 32 and child != random_bytes(32)
+
+
+@given(st.binary(min_size=15, max_size=15))
+def test_new_token_is_the_base32_of_its_random_bytes(raw: bytes) -> None:
+    """The lookup-table encoding gives what `base64.b32encode` gives."""
+    import base64
+    from unittest import mock
+
+    from etagproxy.store import base
+
+    with mock.patch.object(base, "random_bytes", return_value=raw):
+        token = base.new_token()
+    assert token == base64.b32encode(raw).decode("ascii").lower()
+    assert len(token) == 24 and "-" not in token

@@ -13,7 +13,6 @@ Errors::
 
 from __future__ import annotations
 
-import base64
 import enum
 import time
 from dataclasses import dataclass, field
@@ -34,12 +33,26 @@ class StoreError(Exception):
         self.kind = kind
 
 
+# Every pair of lower-case base32 letters (RFC 4648 alphabet), indexed by
+# the 10 bits they encode: a token is 12 lookups instead of
+# `base64.b32encode` (pure Python on 3.11), with the same output.
+_B32 = "abcdefghijklmnopqrstuvwxyz234567"
+_B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)
+
+
 def new_token() -> str:
-    """A fresh version token: 120 random bits as 24 lower-case base32 letters.
+    """A fresh version token: 120 random bits as 24 lower-case base32 letters
+    (what `base64.b32encode(...).lower()` gives for the same 15 bytes).
 
     The alphabet has no `-`, so `"<token>-<variant>"` splits unambiguously.
     """
-    return base64.b32encode(random_bytes(15)).decode("ascii").lower()
+    n = int.from_bytes(random_bytes(15), "big")
+    t = _B32_PAIRS
+    return (
+        t[n >> 110] + t[(n >> 100) & 1023] + t[(n >> 90) & 1023] + t[(n >> 80) & 1023]
+        + t[(n >> 70) & 1023] + t[(n >> 60) & 1023] + t[(n >> 50) & 1023] + t[(n >> 40) & 1023]
+        + t[(n >> 30) & 1023] + t[(n >> 20) & 1023] + t[(n >> 10) & 1023] + t[n & 1023]
+    )
 
 
 def now_ms() -> int:

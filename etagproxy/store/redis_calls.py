@@ -69,7 +69,11 @@ class RedisCalls:
         if self._lean is None:
             async with self._guard(op):
                 return then(await script(keys, args))
-        return await self._answer(op, script(keys, args), then)
+        # `_answer` inlined: one coroutine layer less on every script call.
+        try:
+            return then(await script(keys, args))
+        except Exception as exc:
+            raise self._store_error(op, exc) from exc
 
     async def _answer(self, op: str, call: Awaitable[Any], then: Callable[[Any], Any] = _as_is) -> Any:
         """Await a call of the lean client and `then` on its reply,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Awaitable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -68,8 +69,9 @@ class _LeanScript:
         self.script = script
         self.sha = hashlib.sha1(script.encode()).hexdigest()
 
-    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
-        return await self._client.evalsha(self.script, keys, args)
+    def __call__(self, keys: list[str], args: list[Any]) -> Awaitable[Any]:
+        # The client's coroutine itself, not one awaiting it: a layer less.
+        return self._client.evalsha(self.script, keys, args)
 
     async def many(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """The script once per call, all in one write; loaded on NOSCRIPT.
