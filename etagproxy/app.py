@@ -47,7 +47,9 @@ log = logging.getLogger("etagproxy")
 # What SIGHUP applies. Routes carry the top-level upstream (resolved at
 # load) and `defaults:` (merged at load), so those change with them; every
 # other setting is bound to sockets, pools or the store and needs a restart.
-RELOADED = frozenset({"routes", "upstream"})
+# Settings a reload applies in place; the others are logged as needing a
+# restart (they size pools, timers and listeners made at start).
+RELOADED = frozenset({"routes", "upstream", "server", "via", "trusted_proxies"})
 # What identifies the file's content without reading it: a ConfigMap update
 # swaps a symlink (new inode), an editor rewrites in place (new mtime/size).
 _FileStamp = tuple[str, int, int, int]
@@ -216,7 +218,11 @@ class ProxyServer:
             and f.name not in _IGNORED_ON_RELOAD
             and not _same_setting(getattr(new, f.name), getattr(self.config, f.name))
         ]
-        self.config = dataclasses.replace(self.config, routes=new.routes, upstream=new.upstream)
+        self.config = dataclasses.replace(
+            self.config, routes=new.routes, upstream=new.upstream, server=new.server, via=new.via,
+            trusted_proxies=new.trusted_proxies,
+        )
+        web_response.SERVER_SOFTWARE = new.server
         if self.proxy is not None:
             # Each request reads `router` once when it matches; requests in
             # flight finish with the route they matched.

@@ -35,6 +35,7 @@ from etagproxy.metrics import Metrics
 from etagproxy.problems import problem
 from etagproxy.reads import Reads
 from etagproxy.routes import Match, Router
+from etagproxy.shortcircuit import ShortCircuit
 from etagproxy.store.base import VersionStore
 from etagproxy.target import Target, TargetError, canonicalize
 from etagproxy.upstream import Upstream, UpstreamError
@@ -129,6 +130,11 @@ class Proxy:
     def use_routes(self, config: Config, router: Router) -> None:
         """Serve `router`'s routes from the next request on (a reload);
         requests in flight finish with the route they matched."""
+        if config.trusted_proxies != self.io.config.trusted_proxies:
+            self.io.trusted = hdr.TrustedProxies(config.trusted_proxies)
+        if config.via != self.io.config.via:
+            # Remembered 304s carry the old pseudonym: forget them.
+            self.reads.short_circuit = ShortCircuit(config.via)
         self.io.config = config
         self.io.router = router
 

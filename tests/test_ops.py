@@ -631,3 +631,28 @@ async def test_a_watched_config_reloads_when_a_configmap_swaps_its_symlink(proce
     assert len(changed) == 1
     proxy.proc.send_signal(signal.SIGTERM)
     assert await proxy.finish() == 0
+
+
+async def test_a_reload_applies_server_via_and_trusted_proxies_and_names_what_needs_a_restart(
+    make_proxy, recording_upstream
+):
+    base = "upstream: {upstream}\n" + ROUTES
+    proxy = await make_proxy(base, upstream=recording_upstream.url)
+    async with aiohttp.ClientSession() as s:
+        headers = {"X-Forwarded-For": "203.0.113.7"}
+        async with s.get(proxy.url + "/api/open/1/", headers=headers) as r:
+            assert "etagproxy" in r.headers["Via"]
+        assert "203.0.113.7" not in recording_upstream.requests[-1].header("X-Forwarded-For")
+
+        new = parse_config(
+            "listen: 127.0.0.1:0\n" + base.replace("{upstream}", recording_upstream.url)
+            + "server: gateway\nvia: edge\ntrusted_proxies: [127.0.0.1]\nlimits: {max_body: 1KiB}\n",
+            filename="new.yaml",
+        )
+        assert proxy.server.apply_routes(new) == ["limits"]
+        async with s.get(proxy.url + "/api/open/1/", headers=headers) as r:
+            assert r.headers["Via"].endswith("1.1 edge")
+        forwarded = recording_upstream.requests[-1].header("X-Forwarded-For")
+        assert forwarded is not None and forwarded.startswith("203.0.113.7"), "the new trusted proxy's header is kept"
+        async with s.put(proxy.url + "/api/items/1/", data="x", headers={"If-Match": '"stale"'}) as r:
+            assert r.status == 412 and r.headers["Server"] == "gateway"
