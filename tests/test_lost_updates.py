@@ -333,6 +333,11 @@ MODES = {
 }
 """Proxy-minted tokens; versions from a field; the upstream's own weak tag,
 sent back to it as If-Match so that it re-checks under its lock."""
+BYPASS_LABELS = {
+    "token": "proxy-minted tokens (default)",
+    "version": "version: {from: field}",
+    "checked": "version: {from: header, upstream_if_match: true}",
+}
 BYPASS_WRITERS = 2
 
 
@@ -411,7 +416,7 @@ async def test_writes_bypassing_the_proxy_are_erased_by_tokens_and_not_by_derive
     runs = [await _bypass_run(mode, redis_server, proxies) for mode in MODES]
     for run in runs:
         report(
-            f"bypass writer straight to the API, version: {run.mode}", run.result,
+            f"bypass writer straight to the API, {BYPASS_LABELS[run.mode]}", run.result,
             bypass_writes=run.result.bypass_applied, erased_bypass=run.result.erased_bypass,
         )
     token, version, checked = runs
