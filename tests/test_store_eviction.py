@@ -65,12 +65,6 @@ def noeviction(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture
-def allkeys_lru(tmp_path: Path) -> Iterator[RedisServer]:
-    with policy_server(tmp_path, "allkeys-lru") as server:
-        yield server
-
-
 def cap_memory(server: RedisServer, headroom: int = HEADROOM) -> None:
     used = int(server.admin().info("memory")["used_memory"])
     server.command("CONFIG", "SET", "maxmemory", str(used + headroom))
@@ -155,20 +149,25 @@ async def _key_costs(server: RedisServer) -> None:
 # -- volatile-lru --------------------------------------------------------------------
 
 
-async def test_volatile_lru_evicts_versions_and_never_a_lease(volatile_lru: RedisServer, store_of):
-    store = store_of(volatile_lru)
+@pytest.mark.parametrize("policy", ["volatile-lru", "volatile-lfu", "volatile-ttl", "volatile-random"])
+async def test_volatile_policies_evict_versions_and_never_a_lease(tmp_path: Path, policy: str, store_of):
+    with policy_server(tmp_path, policy) as server:
+        await _versions_evicted_lease_kept(server, store_of(server), policy)
+
+
+async def _versions_evicted_lease_kept(server: RedisServer, store: RedisStore, policy: str) -> None:
     old = (await store.observe("/old")).version
     held = await store.begin("/held", NO_PRECONDITION, "writer-1", 60_000, 0)
     assert held.status is BeginStatus.OK
-    cap_memory(volatile_lru)
+    cap_memory(server)
     n = await fill_until(
-        store, volatile_lru, lambda: evicted(volatile_lru) >= 500 and not exists(volatile_lru, "/old")
+        store, server, lambda: evicted(server) >= 500 and not exists(server, "/old")
     )
-    print(f"volatile-lru: {n} resources read, {evicted(volatile_lru)} keys evicted")
+    print(f"{policy}: {n} resources read, {evicted(server)} keys evicted")
 
     # The lease outlived the eviction of hundreds of keys around it: a
     # second write still waits for it.
-    assert exists(volatile_lru, "/held")
+    assert exists(server, "/held")
     second = await store.begin("/held", NO_PRECONDITION, "writer-2", 60_000, 0)
     assert second.status is BeginStatus.BUSY
     ended = await store.end("/held", "writer-1", Outcome.SUCCESS)
@@ -240,14 +239,19 @@ async def test_the_eviction_policy_is_checked_at_start(
 # -- allkeys-lru: why the warning ------------------------------------------------------------
 
 
-async def test_allkeys_lru_can_evict_the_lease_of_a_write_in_flight(allkeys_lru: RedisServer, store_of):
+@pytest.mark.parametrize("policy", ["allkeys-lru", "allkeys-lfu", "allkeys-random"])
+async def test_allkeys_policies_can_evict_the_lease_of_a_write_in_flight(tmp_path: Path, policy: str, store_of):
     """The failure the warning is about, shown: the held lease is evicted and
     a second write to the same resource begins while the first is in flight."""
-    store = store_of(allkeys_lru)
+    with policy_server(tmp_path, policy) as server:
+        await _lease_evicted(server, store_of(server), policy)
+
+
+async def _lease_evicted(server: RedisServer, store: RedisStore, policy: str) -> None:
     assert (await store.begin("/held", NO_PRECONDITION, "writer-1", 60_000, 0)).status is BeginStatus.OK
-    cap_memory(allkeys_lru)
-    n = await fill_until(store, allkeys_lru, lambda: not exists(allkeys_lru, "/held"))
-    print(f"allkeys-lru: the lease was evicted after {n} resources read")
+    cap_memory(server)
+    n = await fill_until(store, server, lambda: not exists(server, "/held"))
+    print(f"{policy}: the lease was evicted after {n} resources read")
     second = await store.begin("/held", NO_PRECONDITION, "writer-2", 60_000, 0)
     assert second.status is BeginStatus.OK  # two writes in flight at once
     assert (await store.end("/held", "writer-1", Outcome.SUCCESS)).lease_lost
