@@ -250,3 +250,45 @@ def test_a_bad_overrides_file_is_one_line_too(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "etagproxy: the generated routes do not pass check-config:"
     assert "require_if_match: expected true or false, got 'maybe'" in err[1]
+
+
+def test_a_schema_served_over_http_reads_like_the_file(tmp_path: Path, capsys) -> None:
+    """The schema of a running API, as `/api/schema/` serves it: fetched from a
+    real HTTP server on loopback, gzip-encoded or not, and a 404 said in one line."""
+    import gzip
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    bodies = {"/schema.yaml": PETSTORE_31.encode(), "/schema.yaml.gz": gzip.compress(PETSTORE_31.encode())}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            body = bodies.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        local = tmp_path / "pets.yaml"
+        local.write_text(PETSTORE_31)
+        assert cli.main(["routes", "--from-openapi", str(local)]) == 0
+        from_file = capsys.readouterr().out
+        for path in ("/schema.yaml", "/schema.yaml.gz"):
+            assert cli.main(["routes", "--from-openapi", base + path]) == 0
+            served = capsys.readouterr().out
+            # The same routes; only the comment naming the source differs.
+            assert served.replace(base + path, "SRC") == from_file.replace(str(local), "SRC")
+        assert cli.main(["routes", "--from-openapi", base + "/missing"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"{base}/missing: cannot read the schema: Not Found\n", err
+    finally:
+        server.shutdown()
+        server.server_close()
