@@ -305,7 +305,11 @@ async def test_scripts_follow_ask_while_their_slot_migrates(tmp_path: Path, redi
         await store.confirm("/a", token)
         begun = await store.begin("/a", if_match(token), "w", HELD_MS, 0)
         assert begun.status is BeginStatus.OK
-        assert (await store.end("/a", "w", Outcome.SUCCESS)).committed is not None
+        ended = await store.end("/a", "w", Outcome.SUCCESS)
+        assert ended.committed is not None
+        # An invalidation of the moved key follows ASK too, and lands.
+        await store.invalidate(["/a"])
+        assert (await store.observe("/a")).version.token != ended.committed.token
         stats = {node.port: node.admin().info("errorstats") for node in (src, dst)}
         assert int(stats[src.port]["errorstat_ASK"]["count"]) >= 40
         assert "errorstat_MOVED" not in stats[dst.port]

@@ -363,7 +363,13 @@ class RedisStore(RedisCalls):
             await self._answer("invalidate", self._pipelined(self._invalidate, calls))
             return
         async with self._guard("invalidate"):
-            await self._pipelined(self._invalidate, calls)
+            if self._cluster is not None:
+                # One call per key through `_ClusterScript`, which follows
+                # ASK on one connection; a redis-py pipeline would not (its
+                # ASKING and the script go out on different connections).
+                await asyncio.gather(*(self._invalidate(keys, args) for keys, args in calls))
+            else:
+                await self._pipelined(self._invalidate, calls)
 
     async def fingerprint(self, key: str, token: str, digest: str) -> Version | None:
         reply = await self._call("fingerprint", self._fingerprint, [self._rkey(key)], [token, digest, new_token(), self._ttl_ms])
