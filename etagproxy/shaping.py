@@ -12,18 +12,31 @@ from multidict import CIMultiDict
 from etagproxy.etag import EntityTag
 from etagproxy.variants import NOT_MODIFIED_FIELDS
 
-__all__ = ["not_modified"]
+__all__ = ["from_lines", "not_modified", "not_modified_lines"]
+
+
+Lines = tuple[tuple[str, str], ...]
+
+
+def not_modified_lines(fields: CIMultiDict[str], tag: EntityTag, via: str) -> Lines:
+    """The header lines of a 304 for `tag`: the NOT_MODIFIED_FIELDS among
+    `fields` (the 200's), in that order, the tag, and `fields`' Via or the
+    proxy's own. A short circuit keeps them with its selection
+    (`shortcircuit.ShortCircuit.remember`) and answers from them."""
+    lines = [(name, value) for name in NOT_MODIFIED_FIELDS for value in fields.getall(name, ())]
+    lines += [("ETag", str(tag)), ("Via", fields.get("Via", f"1.1 {via}"))]
+    return tuple(lines)
+
+
+def from_lines(rid: str, lines: Lines) -> web.Response:
+    """The 304 of `lines`, for the request `rid`."""
+    resp = web.Response(status=304)
+    resp.headers.extend(lines)
+    resp.headers["X-Request-ID"] = rid
+    return resp
 
 
 def not_modified(rid: str, via: str, tag: EntityTag, upstream_headers: CIMultiDict[str]) -> web.Response:
     """304 for `tag`, with the NOT_MODIFIED_FIELDS of `upstream_headers` (the
-    200's) and their Via, if any. A short circuit's 304 has the same lines,
-    kept with its selection (`shortcircuit.ShortCircuit.remember`)."""
-    resp = web.Response(status=304)
-    for name in NOT_MODIFIED_FIELDS:
-        for value in upstream_headers.getall(name, ()):
-            resp.headers.add(name, value)
-    resp.headers["ETag"] = str(tag)
-    resp.headers["Via"] = upstream_headers.get("Via", f"1.1 {via}")
-    resp.headers["X-Request-ID"] = rid
-    return resp
+    200's) and their Via, if any."""
+    return from_lines(rid, not_modified_lines(upstream_headers, tag, via))

@@ -5,8 +5,8 @@ credentials got a 2xx for it within `short_circuit_ttl`) is taken by the
 read path; this decides whether that is enough to skip the upstream, from
 how each tag's representation was selected (`variants.Selected`), which is
 kept per process, bounded, least recently used first out, together with
-the header lines of the 304 it allows (the same ones `shaping.not_modified`
-would build from them), so a short circuit builds no header map of its own.
+the header lines of the 304 it allows (`shaping.not_modified_lines`), so a
+short circuit builds no header map per answer.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from etagproxy.config import RouteConfig
 from etagproxy.etag import EntityTag, parse_tag_list
 from etagproxy.exchange import Exchange
 from etagproxy.preconditions import Conditionals
+from etagproxy.shaping import from_lines, not_modified_lines
 from etagproxy.store.base import Observation
-from etagproxy.variants import NOT_MODIFIED_FIELDS, Selected
+from etagproxy.variants import Selected
 
 __all__ = ["SELECTED_MAX", "ShortCircuit"]
 
@@ -39,15 +40,8 @@ class ShortCircuit:
 
     def remember(self, key: str, tag: EntityTag, selected: Selected) -> None:
         """Keep how `tag` was selected (bounded, LRU)."""
-        # What `shaping.not_modified` puts in a 304 for these fields: the
-        # NOT_MODIFIED_FIELDS in that order under their own spelling, the
-        # tag, and the proxy's Via (the request id follows per answer).
-        lines = [
-            (name, value) for name in NOT_MODIFIED_FIELDS
-            for field, value in selected.fields if field.lower() == name.lower()
-        ]
-        lines += [("ETag", str(EntityTag(tag.opaque))), ("Via", f"1.1 {self.via}")]
-        self.selected[(key, tag.opaque)] = (selected, tuple(lines))
+        lines = not_modified_lines(CIMultiDict(selected.fields), EntityTag(tag.opaque), self.via)
+        self.selected[(key, tag.opaque)] = (selected, lines)
         self.selected.move_to_end((key, tag.opaque))
         if len(self.selected) > self.size:
             self.selected.popitem(last=False)
@@ -75,8 +69,5 @@ class ShortCircuit:
             if seen is None or not seen[0].selects(qpart, request_headers):
                 continue
             ex.decision = "short_circuit"
-            resp = web.Response(status=304)
-            resp.headers.extend(seen[1])
-            resp.headers["X-Request-ID"] = ex.rid
-            return resp
+            return from_lines(ex.rid, seen[1])
         return None
