@@ -78,8 +78,7 @@ class BulkMembers:
                 )
                 break
             if begun.status is not BeginStatus.OK:  # type: ignore[attr-defined]
-                ex.decision = "busy"
-                self.io.metrics.preconditions.labels(ex.route, "busy").inc()
+                self.io.decided(ex, "busy")
                 failure = problem(
                     409, "write-in-progress",
                     "Another write to a member named in this bulk request is in progress. "

@@ -120,6 +120,12 @@ class Forwarding:
             ex.creds = credential_hash(request.headers)
         return ex.creds
 
+    def decided(self, ex: Exchange, outcome: str) -> None:
+        """The proxy answered by itself because of a precondition: log it
+        as the exchange's decision and count it (etagproxy_precondition_outcomes)."""
+        ex.decision = outcome
+        self.labelled(self.metrics.preconditions, ex.route, outcome).inc()
+
     def minted(self, cause: Cause | None) -> None:
         if cause is not None:
             self.labelled(self.metrics.tokens_minted, cause.value).inc()

@@ -159,12 +159,10 @@ class Reads:
             await up.read(DRAIN_LIMIT)  # type: ignore[attr-defined]
         tag = rep.etag
         if decision is Decision.NOT_MODIFIED and tag is not None:
-            ex.decision = "not_modified"
-            self.io.labelled(self.io.metrics.preconditions, ex.route, "not_modified").inc()
+            self.io.decided(ex, "not_modified")
             return not_modified(ex.rid, self.io.config.via, tag, out)
         if decision is Decision.PRECONDITION_FAILED:
-            ex.decision = "precondition_failed"
-            self.io.labelled(self.io.metrics.preconditions, ex.route, "precondition_failed").inc()
+            self.io.decided(ex, "precondition_failed")
             return problem(
                 412, "precondition-failed",
                 "The resource has changed since the version named in the precondition. "

@@ -89,8 +89,7 @@ class Refusals:
         self, ex: Exchange, headers: Sequence[tuple[str, str]] = (), **extra: object
     ) -> web.Response:
         """412 for a write whose precondition failed; nothing was forwarded."""
-        ex.decision = "precondition_failed"
-        self.io.metrics.preconditions.labels(ex.route, "precondition_failed").inc()
+        self.io.decided(ex, "precondition_failed")
         return problem(
             412, "precondition-failed",
             "The resource has changed since the version named in the precondition; "

@@ -61,8 +61,7 @@ class Replays:
             return None
         if not isinstance(record, Replay) or record.fingerprint != self.fingerprint(request, ex, cond, body):
             return None
-        ex.decision = "replayed"
-        self.io.metrics.preconditions.labels(ex.route, "replayed").inc()
+        self.io.decided(ex, "replayed")
         resp = web.Response(status=record.status, body=record.body)
         for name, value in record.headers:
             resp.headers.add(name, value)

@@ -77,8 +77,7 @@ class Writes:
             else wcond.if_match is not None or wcond.if_none_match is not None
         )
         if cfg.require_if_match and not checked:
-            ex.decision = "precondition_required"
-            self.io.metrics.preconditions.labels(ex.route, "precondition_required").inc()
+            self.io.decided(ex, "precondition_required")
             return problem(
                 428, "precondition-required",
                 "This resource requires a conditional write. GET it, then repeat the request "
@@ -155,8 +154,7 @@ class Writes:
             raise
         self.io.metrics.lease_wait.observe(begun.waited_ms / 1000)  # type: ignore[attr-defined]
         if begun.status is BeginStatus.BUSY:  # type: ignore[attr-defined]
-            ex.decision = "busy"
-            self.io.metrics.preconditions.labels(ex.route, "busy").inc()
+            self.io.decided(ex, "busy")
             return problem(
                 409, "write-in-progress",
                 "Another write to this resource is in progress. Retry after a moment.",
