@@ -30,8 +30,9 @@ def _lua(name: str) -> str:
 
 # Script flags (Redis 7.0+, the first line of a script) decide what a full
 # store does at maxmemory under `noeviction`. Without flags Redis checks
-# memory only at a script's first write command, and DEL or PERSIST first
-# (as `commit` does) would let a script grow a full store without bound.
+# memory only at a script's first write command, and one that starts with a
+# command allowed when full (DEL, HDEL, PERSIST, PEXPIRE) may then grow a
+# full store without bound; and an END refused halfway would strand a lease.
 # - GROWS: refused whole when the store is full (OOM -> StoreError
 #   "store-full" -> 503): BEGIN, OBSERVE and PUT_REPLAY add keys.
 # - SETTLES: allowed when full: they change keys that exist, in place, and
