@@ -276,6 +276,18 @@ async def test_a_cluster_node_restart_is_survived(redis_cluster: RedisClusterGro
         await eventually(lambda key=key: store.observe(key), within_s=5)  # type: ignore[misc]
 
 
+def start_migrating(cluster: RedisClusterGroup, rkey: str) -> tuple[RedisServer, RedisServer]:
+    """Mark the slot of `rkey` as migrating from its owner to another master
+    (keys not moved yet); (source, destination)."""
+    slot = int(cluster.nodes[0].command("CLUSTER", "KEYSLOT", rkey))
+    ids = {node.port: node.command("CLUSTER", "MYID").decode() for node in cluster.nodes}
+    src = next(node for node in cluster.nodes if node.command("CLUSTER", "COUNTKEYSINSLOT", slot))
+    dst = next(node for node in cluster.nodes if node is not src)
+    dst.command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src.port])
+    src.command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst.port])
+    return src, dst
+
+
 async def test_scripts_follow_ask_while_their_slot_migrates(tmp_path: Path, redis_store: Any) -> None:
     """The resource has moved to the importing node, its slot is still
     migrating: the old owner answers ASK, and the script must run on the
@@ -288,12 +300,7 @@ async def test_scripts_follow_ask_while_their_slot_migrates(tmp_path: Path, redi
         store = await redis_store(cluster, timeout_s=1.0)
         v0 = await committed(store, "/a")
         rkey = redis_key(PREFIX, "/a")
-        slot = int(cluster.nodes[0].command("CLUSTER", "KEYSLOT", rkey))
-        ids = {node.port: node.command("CLUSTER", "MYID").decode() for node in cluster.nodes}
-        src = next(node for node in cluster.nodes if node.command("CLUSTER", "COUNTKEYSINSLOT", slot))
-        dst = next(node for node in cluster.nodes if node is not src)
-        dst.command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src.port])
-        src.command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst.port])
+        src, dst = start_migrating(cluster, rkey)
         src.command("MIGRATE", dst.host, dst.port, "", 0, 5000, "KEYS", rkey)
         for node in cluster.nodes:
             node.command("CONFIG", "RESETSTAT")
@@ -330,12 +337,7 @@ async def test_scripts_on_a_key_in_a_migrating_slot_keep_it(tmp_path: Path, redi
         replay = Replay("fp", 200, (("content-type", "text/plain"),), b"ok")
         await store.put_replay("/a", "idem", replay, 60_000)
         rkey = redis_key(PREFIX, "/a")
-        slot = int(cluster.nodes[0].command("CLUSTER", "KEYSLOT", rkey))
-        ids = {node.port: node.command("CLUSTER", "MYID").decode() for node in cluster.nodes}
-        src = next(node for node in cluster.nodes if node.command("CLUSTER", "COUNTKEYSINSLOT", slot))
-        dst = next(node for node in cluster.nodes if node is not src)
-        dst.command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src.port])
-        src.command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst.port])
+        src, dst = start_migrating(cluster, rkey)
         assert (await store.begin("/a", if_match(v0.token), "w", HELD_MS, 0)).status is BeginStatus.OK
         ended = await store.end("/a", "w", Outcome.SUCCESS)
         assert ended.committed is not None and ended.committed.token != v0.token
