@@ -76,7 +76,7 @@ class Forwarder:
         state, epoch, token, exists = reply
         if state == b"c" and epoch == run_id:
             return token.decode(), exists == b"1"
-        obs = await self.store.evalsha(OBSERVE, [rkey], [new_token(), TTL_MS])
+        obs = await self.store.evalsha(OBSERVE, [rkey], [new_token(), TTL_MS], epoch=True)
         return obs[0].decode(), obs[2] in (1, b"1")
 
     async def forward(self, method: str, path: str, headers: CIMultiDict[str], body: bytes | None) -> Answer:
@@ -97,7 +97,7 @@ class Forwarder:
                 return 304, [("ETag", tag)], b""
             status, relayed, data = await self.forward(method, path, headers, None)
             if status < 300 and not exists:
-                await self.store.evalsha(CONFIRM, [rkey], [token])
+                await self.store.evalsha(CONFIRM, [rkey], [token], epoch=True)
             return status, [*relayed, ("ETag", tag)], data
         if method != "PUT":
             return 405, [], b""
@@ -106,14 +106,14 @@ class Forwarder:
         tokens = [given] if given else []
         args = [owner, LEASE_MS, new_token(), TTL_MS, new_token(), "L" if tokens else "", "", "",
                 len(tokens), "", "", *tokens]
-        begun = await self.store.evalsha(BEGIN, [rkey], args)
+        begun = await self.store.evalsha(BEGIN, [rkey], args, epoch=True)
         if begun[0] == b"failed":
             return 412, [], b""
         if begun[0] != b"ok":
             return 503, [], b""
         status, relayed, data = await self.forward(method, path, headers, body or b"")
         outcome = "success" if status < 300 else "rejected"
-        ended = await self.store.evalsha(END, [rkey], [owner, outcome, 1, new_token(), TTL_MS])
+        ended = await self.store.evalsha(END, [rkey], [owner, outcome, 1, new_token(), TTL_MS], epoch=True)
         tag = [("ETag", f'"{ended[0].decode()}"')] if ended and status < 300 else []
         return status, [*relayed, *tag], data
 

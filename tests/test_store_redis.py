@@ -22,6 +22,9 @@ from etagproxy.store import open_store
 from etagproxy.store.base import BeginStatus, Cause, Outcome, Replay, StoreError, WriteCondition
 from etagproxy.store.memory import MemoryStore
 from etagproxy.store.redis import RedisStore, redis_key
+from etagproxy.store.redis_scripts import BEGIN, NO_EPOCH
+from etagproxy.store.resp import NO_EPOCH as NO_TAIL
+from etagproxy.store.resp import RespClient, epoch_tail
 from tests.redis_fixtures import RedisClusterGroup, RedisSentinelGroup, RedisServer
 from tests.store_contract import HELD_MS, NO_PRECONDITION, PAST_SHORT_S, committed, if_match
 
@@ -146,6 +149,57 @@ async def test_reading_a_committed_version_runs_no_script(redis_server: RedisSer
     # A key with a write in flight still goes to the script, which knows leases.
     await store.begin("/a", NO_PRECONDITION, "w", HELD_MS, 0)
     assert (await store.observe("/a")).pending
+
+
+async def test_scripts_on_one_server_take_the_epoch_their_connection_read(
+    redis_server: RedisServer, redis_store: Any
+) -> None:
+    # The run_id and start time come from the connection's INFO at connect,
+    # passed as the scripts' last ARGV: no script reads INFO (~7 us of the
+    # server's CPU each, half of what a write cost it), and the versions and
+    # fences are still those of the answering process.
+    store = await redis_store(redis_server)
+    await store.observe("/warm")  # the connection opens, with its one INFO
+    run_id = redis_server.run_id()
+    redis_server.command("CONFIG", "RESETSTAT")
+    for i in range(5):
+        begun = await store.begin("/a", NO_PRECONDITION, f"w{i}", HELD_MS, 0)
+        assert begun.status is BeginStatus.OK
+        ended = await store.end("/a", f"w{i}", Outcome.SUCCESS)
+        assert ended.committed is not None and ended.committed.epoch == run_id
+    await store.invalidate(["/a"])
+    assert (await store.observe("/a")).version.epoch == run_id
+    stats = redis_server.command("INFO", "commandstats")
+    text = stats.decode() if isinstance(stats, bytes) else str(stats)
+    assert "cmdstat_evalsha" in text and "cmdstat_info" not in text, text
+
+    # A restart ends the connection; the next one reads the new process's
+    # epoch and start: the restart fence is one lease less the new uptime,
+    # as when the script read INFO itself.
+    redis_server.restart(keep_data=False)
+    assert (await store.begin("/a", NO_PRECONDITION, "w", HELD_MS, 0)).status is BeginStatus.BUSY
+    assert store.epoch == redis_server.run_id()
+    client = RespClient("127.0.0.1", redis_server.port, timeout=5.0)
+    try:
+        rid = redis_server.run_id()
+        args = ["w2", HELD_MS, "t", 60_000, "c2", "", "", "", 0, "", rid]
+        fenced_ms = {}
+        for epoch in (True, False):  # False: the script reads INFO
+            reply = await client.evalsha(BEGIN, [redis_key(PREFIX, "/b")], [*args, *((), NO_EPOCH)[not epoch]],
+                                         epoch=epoch)
+            assert reply[0] == b"busy"
+            fenced_ms[epoch] = reply[1]
+        uptime_ms = HELD_MS - fenced_ms[False]
+        assert HELD_MS - uptime_ms - 1500 <= fenced_ms[True] <= HELD_MS - uptime_ms + 1000, fenced_ms
+    finally:
+        await client.close()
+
+
+def test_an_info_reply_without_its_fields_gives_no_epoch_pair() -> None:
+    info = b"# Server\r\nrun_id:ab12\r\nuptime_in_seconds:3\r\nserver_time_usec:1700000000123456\r\n"
+    assert epoch_tail(info) == (b"ab12", b"1699999997123")
+    for dropped in (b"run_id", b"uptime_in_seconds", b"server_time_usec"):
+        assert epoch_tail(info.replace(dropped, b"other")) == NO_TAIL
 
 
 # -- TTLs ------------------------------------------------------------------------

@@ -14,8 +14,9 @@ and `<prefix>{<key>}:i:<idem>` are its reader and replay records. The resource
 key goes inside the hash tag with `%`, `{` and `}` percent-escaped, so no key
 can end the tag early or leave it empty, and all three keys share a slot.
 
-Time and epoch come from the server inside each script (`TIME`, and the
-`run_id` of `INFO server`): proxies with skewed clocks agree on deadlines,
+Time and epoch are the server's: each script reads `TIME`, and the `run_id`
+of `INFO server` (read by the lean client once per connection and passed as
+the scripts' last two ARGV, lua/prelude.lua): proxies with skewed clocks agree on deadlines,
 and a version restored from a snapshot or a lagging replica carries another
 run_id, so it is treated as absent and re-minted (DESIGN §2, "Redis epoch").
 
@@ -61,6 +62,7 @@ from etagproxy.store.redis_scripts import (
     PUT_REPLAY,
     _ClusterScript,
     _LeanScript,
+    _PlainScript,
     redis_key,
 )
 from etagproxy.store.resp import RespClient
@@ -193,7 +195,7 @@ class RedisStore(RedisCalls):
         register: Any = (
             (lambda script: _LeanScript(lean, script)) if lean is not None
             else (lambda script: _ClusterScript(self._cluster, script)) if self._cluster is not None
-            else client.register_script  # type: ignore[union-attr]
+            else (lambda script: _PlainScript(client, script))
         )
         self._observe = register(OBSERVE)
         self._begin = register(BEGIN)

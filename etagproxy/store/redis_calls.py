@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from etagproxy.store.base import StoreError
 from etagproxy.store.redis_connect import per_node, release, reply_kind
-from etagproxy.store.redis_scripts import _LeanScript
+from etagproxy.store.redis_scripts import NO_EPOCH, _LeanScript
 from etagproxy.store.resp import ReplyError, RespClient, RespError
 
 if TYPE_CHECKING:
@@ -122,7 +122,8 @@ class RedisCalls:
         for attempt in (1, 2):
             pipe = self._client.pipeline(transaction=False)
             for keys, args in calls:
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                # redis-py's connections read no epoch: the scripts read INFO.
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, *NO_EPOCH)
             if wait_for:
                 target: dict[str, Any] = {}
                 if self._cluster is not None:

@@ -53,6 +53,11 @@ PUT_REPLAY = GROWS + _lua("put_replay.lua")
 INSPECT = READS + _PRELUDE + _lua("inspect.lua")
 
 
+NO_EPOCH = ("", "")
+"""The epoch pair every script call ends its ARGV with (lua/prelude.lua),
+from a caller that has no connection-read epoch: the script reads INFO."""
+
+
 def redis_key(prefix: str, key: str) -> str:
     """The Redis key of resource `key`: the key, escaped, as the hash tag."""
     tag = key.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
@@ -72,7 +77,8 @@ class _LeanScript:
 
     def __call__(self, keys: list[str], args: list[Any]) -> Awaitable[Any]:
         # The client's coroutine itself, not one awaiting it: a layer less.
-        return self._client.evalsha(self.script, keys, args)
+        # The epoch pair is the connection's own (RespClient.epoch_tail).
+        return self._client.evalsha(self.script, keys, args, epoch=True)
 
     async def many(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """The script once per call, all in one write; loaded on NOSCRIPT.
@@ -81,12 +87,25 @@ class _LeanScript:
         until = client.deadline()
         commands = [("EVALSHA", self.sha, len(keys), *keys, *args) for keys, args in calls]
         try:
-            return (await client.pipeline(commands, until))[0]
+            return (await client.pipeline(commands, until, epoch=True))[0]
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         await client.execute("SCRIPT", "LOAD", self.script, until=until)
-        return (await client.pipeline(commands, until))[0]
+        return (await client.pipeline(commands, until, epoch=True))[0]
+
+
+class _PlainScript:
+    """redis-py's script on a plain client (Sentinel's master), shaped as the
+    others: with no connection-read epoch, each call passes NO_EPOCH."""
+
+    def __init__(self, client: Any, script: str) -> None:
+        self._inner = client.register_script(script)
+        self.script = script
+        self.sha = self._inner.sha
+
+    def __call__(self, keys: list[str], args: list[Any]) -> Awaitable[Any]:
+        return self._inner(keys, [*args, *NO_EPOCH])
 
 
 class _ClusterScript:
@@ -118,6 +137,7 @@ class _ClusterScript:
         from redis.exceptions import AskError, MovedError, NoScriptError, TryAgainError
 
         cluster = self._cluster
+        args = [*args, *NO_EPOCH]  # one epoch per node: each script reads its own
         command = ("EVALSHA", self.sha, len(keys), *keys, *args)
         node = cluster.get_node_from_key(keys[0])
         asking = False

@@ -56,6 +56,24 @@ from collections.abc import Sequence
 import hiredis
 
 _RUN_ID = re.compile(rb"run_id:([0-9a-f]+)")
+_UPTIME = re.compile(rb"uptime_in_seconds:(\d+)")
+_SERVER_TIME = re.compile(rb"server_time_usec:(\d+)")
+NO_EPOCH = (b"", b"")
+"""The epoch tail of a connection that could not read one: the scripts then
+read INFO themselves."""
+
+
+def epoch_tail(info: bytes) -> tuple[bytes, bytes]:
+    """(run_id, the server process's start in ms of its own clock) from an
+    `INFO server` reply, or NO_EPOCH if it lacks either. The start is taken
+    as the server's time at the reply less its whole seconds of uptime: no
+    later than the real start, so an uptime computed from it is never
+    longer than the one INFO would give (the restart fence in begin.lua is
+    never shortened)."""
+    rid, up, now = _RUN_ID.search(info), _UPTIME.search(info), _SERVER_TIME.search(info)
+    if rid is None or up is None or now is None:
+        return NO_EPOCH
+    return rid.group(1), str(int(now.group(1)) // 1000 - int(up.group(1)) * 1000).encode()
 
 
 def _retrieve(fut: asyncio.Future[object]) -> None:
@@ -96,6 +114,9 @@ class _Protocol(asyncio.Protocol):
         self.run_id = b""
         """The server process's run_id, read once when connecting: a
         connection never outlives the process it is connected to."""
+        self.epoch_tail = NO_EPOCH
+        """(run_id, start ms) as the store's scripts take them in their last
+        two ARGV (lua/prelude.lua), read with run_id."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -252,8 +273,10 @@ class RespClient:
                     info = await self._send(proto, ["INFO", "server"])
                 except ReplyError:
                     info = b""  # INFO refused (ACL, a proxy in between): no run_id
-                found = _RUN_ID.search(info if isinstance(info, bytes) else b"")
+                info = info if isinstance(info, bytes) else b""
+                found = _RUN_ID.search(info)
                 proto.run_id = found.group(1) if found else b""
+                proto.epoch_tail = epoch_tail(info)
         except BaseException as exc:
             if proto is not None and proto.transport is not None:
                 proto.transport.close()  # opened, but the setup failed, took too long or was cancelled
@@ -312,7 +335,9 @@ class RespClient:
             proto.expect_by(until, fut)
         return fut
 
-    async def execute(self, *args: bytes | str | int | float, until: float | None = None) -> object:
+    async def execute(
+        self, *args: bytes | str | int | float, until: float | None = None, epoch: bool = False
+    ) -> object:
         """Send one command and return its reply (error replies raise
         ReplyError; no reply by `until`, default `timeout` from now, raises
         TimeoutError).
@@ -320,36 +345,45 @@ class RespClient:
         A command that fails because a kept connection turned out dead (the
         server restarted since its last use) is sent once more on a new
         one, within the same deadline, as redis-py does: every command the
-        store sends is safe to repeat (see `RedisStore`)."""
+        store sends is safe to repeat (see `RedisStore`).
+
+        With `epoch`, the connection's `epoch_tail` is appended to the
+        arguments of the connection the command goes out on."""
         if until is None:
             until = self.deadline()
         proto = self._proto
         if proto is not None and not proto.lost:
             try:
-                return await self._send(proto, args, until)
+                return await self._send(proto, args + proto.epoch_tail if epoch else args, until)
             except RespError:
                 pass
-        return await self._send(await self._reconnect(until), args, until)
+        proto = await self._reconnect(until)
+        return await self._send(proto, args + proto.epoch_tail if epoch else args, until)
 
     async def pipeline(
-        self, commands: Sequence[Sequence[bytes | str | int | float]], until: float | None = None
+        self, commands: Sequence[Sequence[bytes | str | int | float]], until: float | None = None,
+        epoch: bool = False,
     ) -> tuple[list[object], bytes]:
         """Send `commands` together; their replies, and the run_id of the
-        server that answered them (b"" if it did not tell). Deadline and
-        second attempt as for `execute`."""
+        server that answered them (b"" if it did not tell). Deadline, second
+        attempt and `epoch` (on every command) as for `execute`."""
         if until is None:
             until = self.deadline()
         proto = self._proto
         if proto is not None and not proto.lost:
             try:
-                return await self._pipeline(proto, commands, until)
+                return await self._pipeline(proto, commands, until, epoch)
             except RespError:
                 pass
-        return await self._pipeline(await self._reconnect(until), commands, until)
+        return await self._pipeline(await self._reconnect(until), commands, until, epoch)
 
     async def _pipeline(
-        self, proto: _Protocol, commands: Sequence[Sequence[bytes | str | int | float]], until: float | None
+        self, proto: _Protocol, commands: Sequence[Sequence[bytes | str | int | float]], until: float | None,
+        epoch: bool = False,
     ) -> tuple[list[object], bytes]:
+        if epoch:
+            tail = proto.epoch_tail
+            commands = [(*cmd, *tail) for cmd in commands]
         futures = [self._send(proto, cmd, until) for cmd in commands]
         replies: list[object] = []
         error: BaseException | None = None
@@ -368,20 +402,20 @@ class RespClient:
         return replies, proto.run_id
 
     async def evalsha(
-        self, script: str, keys: Sequence[str], args: Sequence[bytes | str | int | float]
+        self, script: str, keys: Sequence[str], args: Sequence[bytes | str | int | float], *, epoch: bool = False
     ) -> object:
         """EVALSHA `script`, loading it on NOSCRIPT (a restarted or flushed
-        server); both attempts within one deadline."""
+        server); both attempts within one deadline. `epoch` as for `execute`."""
         sha = self._shas.get(script)
         if sha is None:
             sha = self._shas[script] = hashlib.sha1(script.encode()).hexdigest()
         until = self.deadline()
         try:
-            return await self.execute("EVALSHA", sha, len(keys), *keys, *args, until=until)
+            return await self.execute("EVALSHA", sha, len(keys), *keys, *args, until=until, epoch=epoch)
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        return await self.execute("EVAL", script, len(keys), *keys, *args, until=until)
+        return await self.execute("EVAL", script, len(keys), *keys, *args, until=until, epoch=epoch)
 
     async def close(self) -> None:
         self._closed = True

@@ -12,6 +12,7 @@
 -- ARGV[10] the epoch (run_id) the caller last saw, or ''
 -- ARGV[11] an epoch the caller saw replace an older one, or ''
 -- ARGV[12 .. 11+n]  If-Match tokens; ARGV[12+n ..]  If-None-Match tokens
+-- then the epoch pair (prelude.lua)
 -- Returns {status, busy_ms, token, minted_ms, exists, epoch, run_id}: status
 -- 'ok', 'failed' or 'busy'; busy_ms is what is left of the other write's
 -- lease (or of the restart fence); the version is the one judged ('' fields
@@ -23,7 +24,7 @@ local function reply(status, busy_ms, cur)
 end
 
 local now = now_ms()
-rid, uptime = server_epoch()
+rid, uptime = server_epoch(now)
 local key, owner = KEYS[1], ARGV[1]
 local r = read_key(key)
 if r.s == 'p' and r.o == owner and r.n == ARGV[5] then
@@ -55,7 +56,7 @@ local ius = tonumber(ARGV[7])
 local n = tonumber(ARGV[9])
 local im_tokens, inm_tokens = {}, {}
 for j = 12, 11 + n do im_tokens[ARGV[j]] = true end
-for j = 12 + n, #ARGV do inm_tokens[ARGV[j]] = true end
+for j = 12 + n, ARGC do inm_tokens[ARGV[j]] = true end
 
 -- RFC 9110 §13.2.2: If-Match, else If-Unmodified-Since; then If-None-Match.
 local exists = cur ~= nil and cur.x == '1'

@@ -1,0 +1,111 @@
+"""redis-server's CPU per request for the store's scripts, mode against mode.
+
+Runs the scripts a PUT with If-Match costs the server (BEGIN, then END),
+and the read path's HMGET, straight through etagproxy's RespClient, with
+`--concurrency` callers pipelined on one connection as the proxy does,
+and charges redis-server's CPU (from /proc) to each request:
+
+- `epoch`: the scripts take the run_id and start time the connection read
+  when it opened (their last two ARGV; what the proxy sends on one server);
+- `info`: the same scripts told to read `INFO server` themselves (what
+  Cluster and Sentinel connections do, and what every call did before);
+- `empty`: two scripts that return at once: the floor of two EVALSHA
+  round trips on this server;
+- `hmget`: the read path's one HMGET (a 304 or a forwarded GET).
+
+Modes rotate within each round on one redis-server, medians of the rounds.
+
+    python bench/script_cpu.py [--requests 20000] [--rounds 3] [--concurrency 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from stack import Stack  # noqa: E402
+
+from etagproxy.store.redis_scripts import BEGIN, END, NO_EPOCH, redis_key  # noqa: E402
+from etagproxy.store.resp import RespClient  # noqa: E402
+
+EMPTY = "#!lua\nreturn 1\n"
+TTL_MS, LEASE_MS = 86_400_000, 10_000
+MODES = ("epoch", "info", "empty", "hmget")
+
+
+async def drive(client: RespClient, mode: str, requests: int, concurrency: int, budget_s: float) -> int:
+    """`requests` requests of `mode` from `concurrency` callers; how many
+    completed within `budget_s`."""
+    done = 0
+    stop_at = time.monotonic() + budget_s
+
+    async def caller(me: int) -> None:
+        nonlocal done
+        key = redis_key("bench:", f"/r/{me}")
+        seq = 0
+        while done < requests and time.monotonic() < stop_at:
+            seq += 1
+            owner = f"{me}-{seq}"
+            if mode == "hmget":
+                await client.execute("HMGET", key, "s", "e", "t", "m", "x")
+            elif mode == "empty":
+                await client.evalsha(EMPTY, [key], [])
+                await client.evalsha(EMPTY, [key], [])
+            else:
+                tail = () if mode == "epoch" else NO_EPOCH
+                begun = await client.evalsha(
+                    BEGIN, [key], [owner, LEASE_MS, "t0", TTL_MS, owner, "", "", "", 0, "", "", *tail],
+                    epoch=mode == "epoch")
+                assert begun[0] == b"ok", begun  # type: ignore[index]
+                ended = await client.evalsha(
+                    END, [key], [owner, "success", 1, f"t{seq}", TTL_MS, *tail], epoch=mode == "epoch")
+                assert ended, ended
+            done += 1
+
+    await asyncio.gather(*(caller(i) for i in range(concurrency)))
+    return done
+
+
+async def measure(port: int, pid_cpu, args: argparse.Namespace) -> dict[str, list[float]]:
+    client = RespClient("127.0.0.1", port, timeout=5.0)
+    per_mode: dict[str, list[float]] = {m: [] for m in MODES}
+    try:
+        for mode in MODES:  # warm: scripts loaded, keys exist
+            await drive(client, mode, 200, args.concurrency, 10.0)
+        for r in range(args.rounds):
+            for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
+                before = pid_cpu()
+                n = await drive(client, mode, args.requests, args.concurrency, args.budget)
+                per_mode[mode].append((pid_cpu() - before) / n * 1e6)
+                print(f"  [{r + 1}] {mode:6s} {per_mode[mode][-1]:6.2f} us/request  ({n} requests)", flush=True)
+    finally:
+        await client.close()
+    return per_mode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=20_000, help="requests per mode and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=50)
+    ap.add_argument("--budget", type=float, default=30.0, help="seconds at most per mode and round")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, Stack(Path(tmp)) as stack:
+        redis = stack.redis()
+        per_mode = asyncio.run(measure(redis.port, redis.cpu, args))
+    print("redis-server CPU per request, median of", args.rounds, "rounds:")
+    for mode in MODES:
+        print(f"  {mode:6s} {statistics.median(per_mode[mode]):6.2f} us")
+    print(f"  epoch / info: {statistics.median(per_mode['epoch']) / statistics.median(per_mode['info']):.2f}")
+
+
+if __name__ == "__main__":
+    main()
