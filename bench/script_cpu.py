@@ -14,15 +14,25 @@ and charges redis-server's CPU (from /proc) to each request:
 - `hmget`: the read path's one HMGET (a 304 or a forwarded GET).
 
 Modes rotate within each round on one redis-server, medians of the rounds.
+With `--instructions`, each mode instead runs on its own redis-server under
+valgrind's callgrind, once with `--requests` requests and once with twice
+as many, and the difference of the servers' instruction counts is charged
+to the extra requests: a count that does not depend on what else the
+machine is doing, for days when CPU time does.
 
     python bench/script_cpu.py [--requests 20000] [--rounds 3] [--concurrency 50]
+    python bench/script_cpu.py --instructions [--requests 1000]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -91,13 +101,83 @@ async def measure(port: int, pid_cpu, args: argparse.Namespace) -> dict[str, lis
     return per_mode
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _ready(port: int, proc: subprocess.Popen[bytes], within_s: float = 60.0) -> None:
+    stop_at = time.monotonic() + within_s
+    while time.monotonic() < stop_at:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server under valgrind exited with {proc.returncode}")
+        client = RespClient("127.0.0.1", port, connect_timeout=1.0, timeout=5.0)
+        try:
+            if await client.execute("PING") == b"PONG":
+                return
+        except Exception:
+            await asyncio.sleep(0.2)  # valgrind still starting the server: poll again
+        finally:
+            await client.close()
+    raise RuntimeError("redis-server under valgrind did not answer PING")
+
+
+def instructions(mode: str, requests: int, args: argparse.Namespace, workdir: Path) -> int:
+    """Instructions a fresh redis-server under callgrind executes from start
+    to shutdown when served `requests` requests of `mode`."""
+    port, out = _free_port(), workdir / f"callgrind.{mode}.{requests}"
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", shutil.which("redis-server") or "redis-server",
+         "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+    async def run() -> None:
+        await _ready(port, proc)
+        client = RespClient("127.0.0.1", port, timeout=30.0)
+        try:
+            await drive(client, mode, requests, args.concurrency, args.budget)
+            try:
+                await client.execute("SHUTDOWN", "NOSAVE")
+            except Exception:
+                pass  # the server closes the connection instead of answering
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(run())
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    found = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
+    if found is None:
+        raise RuntimeError(f"no instruction total in {out}")
+    return int(found.group(1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=20_000, help="requests per mode and round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=50)
     ap.add_argument("--budget", type=float, default=30.0, help="seconds at most per mode and round")
+    ap.add_argument("--instructions", action="store_true", help="count redis-server's instructions under callgrind")
     args = ap.parse_args()
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            sys.exit("script_cpu: --instructions needs valgrind (apt-get install -y valgrind)")
+        with tempfile.TemporaryDirectory() as tmp:
+            print(f"redis-server instructions per request ({args.requests} vs {2 * args.requests} requests):")
+            counts = {}
+            for mode in MODES:
+                low, high = (instructions(mode, n, args, Path(tmp)) for n in (args.requests, 2 * args.requests))
+                counts[mode] = (high - low) / args.requests
+                print(f"  {mode:6s} {counts[mode]:9,.0f}", flush=True)
+            print(f"  epoch / info: {counts['epoch'] / counts['info']:.2f}")
+        return
     with tempfile.TemporaryDirectory() as tmp, Stack(Path(tmp)) as stack:
         redis = stack.redis()
         per_mode = asyncio.run(measure(redis.port, redis.cpu, args))
