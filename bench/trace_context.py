@@ -4,9 +4,12 @@ what Proxy.handle and the upstream headers do for it, timed with timeit.
     python -m bench.trace_context
 """
 import timeit
+
 from multidict import CIMultiDict, CIMultiDictProxy
+
 from etagproxy import tracing
 from etagproxy.exchange import Exchange
+
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 base = [("Host","h"),("User-Agent","bench"),("Accept","*/*"),("Authorization","Bearer x")]
 with_tp = CIMultiDictProxy(CIMultiDict(base + [("traceparent", TP), ("tracestate", "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE")]))

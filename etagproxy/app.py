@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
-import os
 import logging
+import os
 import signal
 import socket
 import sys

@@ -21,7 +21,6 @@ from etagproxy.store.base import (
     Version,
 )
 
-
 LATE_HOLD_S = 0.9
 """How long past the upstream deadline a timed-out write keeps its lease:
 most of the lease's 1 s margin (`lease_ms`), so END still lands in time."""

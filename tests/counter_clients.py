@@ -35,8 +35,8 @@ import json
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 

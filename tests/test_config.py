@@ -351,6 +351,17 @@ STORE = (
             id="store-replicas-memory",
         ),
         pytest.param(
+            UPSTREAM + "store:\n  url: redis://r\n  epoch: run_id\n",
+            "config.yaml:4: store.epoch: expected connection or script, got 'run_id'",
+            id="store-epoch-choice",
+        ),
+        pytest.param(
+            UPSTREAM + "store:\n  url: redis+cluster://a,b\n  epoch: connection\n",
+            "config.yaml:4: store.epoch: expected script for this store (only redis:// reads the epoch"
+            " per connection), got 'connection'",
+            id="store-epoch-cluster",
+        ),
+        pytest.param(
             UPSTREAM + "store:\n  prefix: x\n",
             f"config.yaml:3: store.url: expected {STORE} (the key is required), got nothing",
             id="store-url-missing",
@@ -870,7 +881,7 @@ def test_example_config_documents_every_key() -> None:
         [f.name for f in Config.__dataclass_fields__.values() if f.name != "source"]
         + list(Timeouts.__dataclass_fields__)
         + list(Limits.__dataclass_fields__)
-        + ["url", "prefix", "token_ttl", "min_replicas", "min_replicas_timeout"]
+        + ["url", "prefix", "token_ttl", "min_replicas", "min_replicas_timeout", "epoch"]
         + [f for f in RouteConfig.__dataclass_fields__ if f != "line"]
     )
     missing = [k for k in keys if not re.search(rf"^\s*(?:#\s*|- )?{k}\b", text, re.M)]

@@ -25,9 +25,9 @@ from etagproxy.store.redis import redis_key
 from tests.chaos_rows import report
 from tests.counter_clients import Ack, Ledger, audit, bypass_until, increment_until, read_counter, write_counter
 from tests.fault_upstream import Applied, Fault, FaultUpstream, running_upstream
-from tests.proxy_fixtures import ProxyHandle
-from tests.ports import free_port
 from tests.metrics import metric
+from tests.ports import free_port
+from tests.proxy_fixtures import ProxyHandle
 from tests.proxy_processes import REPO, ProxyProcess, counter_config, start_proxy
 from tests.redis_fixtures import RedisServer
 

@@ -14,7 +14,6 @@ import subprocess
 from pathlib import Path
 
 import aiohttp
-import pytest
 import yaml
 
 MONITORING = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"

@@ -27,8 +27,8 @@ from aiohttp import web
 from etagproxy import logs
 from etagproxy.app import ProxyServer
 from etagproxy.config import parse_config
-from etagproxy.logs import AccessLog
 from etagproxy.exchange import Exchange
+from etagproxy.logs import AccessLog
 from etagproxy.store.base import StoreError
 from etagproxy.store.memory import MemoryStore
 from tests.metrics import scrape, value

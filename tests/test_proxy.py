@@ -11,9 +11,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.proxy_fixtures import RecordingUpstream
-from tests.raw_counter_upstream import RawCounterUpstream, RawFault, running_raw_upstream
 from tests.ports import free_port
+from tests.raw_counter_upstream import RawCounterUpstream, RawFault, running_raw_upstream
 
 TRACKED = """
 upstream: {upstream}

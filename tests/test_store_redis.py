@@ -195,6 +195,26 @@ async def test_scripts_on_one_server_take_the_epoch_their_connection_read(
         await client.close()
 
 
+async def test_epoch_script_makes_every_call_learn_the_epoch_on_the_server(
+    redis_server: RedisServer, redis_store: Any
+) -> None:
+    # store.epoch: script, for a Redis behind a proxy that keeps client
+    # connections across a failover: no call trusts the connection's run_id,
+    # reads included (they run the script instead of the HMGET shortcut).
+    store = await redis_store(redis_server, epoch="script")
+    await store.observe("/warm")
+    v0 = await committed(store, "/a")
+    redis_server.command("CONFIG", "RESETSTAT")
+    begun = await store.begin("/a", if_match(v0.token), "w", HELD_MS, 0)
+    assert begun.status is BeginStatus.OK
+    ended = await store.end("/a", "w", Outcome.SUCCESS)
+    seen = await store.observe("/a")
+    assert ended.committed == seen.version and seen.version.token != v0.token
+    stats = redis_server.command("INFO", "commandstats")
+    assert stats["cmdstat_info"]["calls"] == 3 and "cmdstat_hmget" in stats, stats
+    assert stats["cmdstat_evalsha"]["calls"] == 3
+
+
 def test_an_info_reply_without_its_fields_gives_no_epoch_pair() -> None:
     info = b"# Server\r\nrun_id:ab12\r\nuptime_in_seconds:3\r\nserver_time_usec:1700000000123456\r\n"
     assert epoch_tail(info) == (b"ab12", b"1699999997123")

@@ -23,6 +23,7 @@ from etagproxy.config.addresses import (
 from etagproxy.config.build_routes import _RouteBuilder
 from etagproxy.config.check import SECTIONS, _unknown_key
 from etagproxy.config.scalars import (
+    _choice,
     _count,
     _duration,
     _parse_bool,
@@ -56,6 +57,7 @@ _STORE_PARSERS: Final[dict[str, Callable[[object], Any]]] = {
     "min_replicas": _count(minimum=0),
     # Redis WAIT with a timeout of 0 blocks forever.
     "min_replicas_timeout": _duration(positive=True, why=" (0 would make WAIT block forever)"),
+    "epoch": _choice("connection", "script"),
 }
 _STORE_KEYS: Final = ("url", *_STORE_PARSERS)
 
@@ -182,6 +184,10 @@ class _Builder(_RouteBuilder):
             if name in entries:
                 settings[name] = self.scalar(entries[name][1], f"store.{name}", parse)
         if base is _INVALID or _INVALID in settings.values():
+            return _INVALID
+        if base.kind in ("memory", "sentinel", "cluster") and settings.get("epoch") == "connection":
+            expected = "script for this store (only redis:// reads the epoch per connection)"
+            self.problems.add(entries["epoch"][1], "store.epoch", expected)
             return _INVALID
         if base.kind == "memory" and settings.get("min_replicas", 0) > 0:
             expected = "0 for memory:// (it has no replicas)"

@@ -117,6 +117,14 @@ class StoreConfig:
     0 = do not wait."""
     min_replicas_timeout: float = 0.1
     """How long WAIT may take before the lease counts as not replicated."""
+    epoch: str | None = None
+    """Where the store's scripts learn the server's epoch (run_id, start):
+    "connection" (the default on redis://) reads `INFO server` once per
+    connection, since a server process cannot change under a TCP connection;
+    "script" makes every script call read it, for a Redis behind a proxy
+    that keeps client connections open across a failover. None: the default
+    for the kind ("script" on sentinel and cluster, where redis-py's
+    connections read none; memory has no epoch)."""
 
     @property
     def masked_url(self) -> str:

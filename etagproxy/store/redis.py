@@ -165,7 +165,11 @@ class RedisStore(RedisCalls):
         min_replicas_timeout_ms: int = 100,
         closing: Sequence[Redis] = (),
         lean: RespClient | None = None,
+        connection_epoch: bool = True,
     ) -> None:
+        """`connection_epoch`: on the lean client, the scripts and the read
+        path take the epoch the connection read when it opened (store.epoch
+        "connection"); False makes every call learn it on the server ("script")."""
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"store prefix {prefix!r} must not contain '{{' or '}}' (hash tags)")
         if client is None and (lean is None or min_replicas):
@@ -189,11 +193,13 @@ class RedisStore(RedisCalls):
         self._min_replicas_timeout_ms = min_replicas_timeout_ms
         self._wakeups = _Wakeups()
         self._lean = lean
+        self._read_lean = lean if connection_epoch else None
+        """The lean client when reads may skip the script (they trust its epoch)."""
         # Every script goes through the one pipelined connection when there
         # is one (~11 us of client CPU per call instead of ~50 with
         # redis-py, bench/clients.py); BEGIN + WAIT stays on redis-py.
         register: Any = (
-            (lambda script: _LeanScript(lean, script)) if lean is not None
+            (lambda script: _LeanScript(lean, script, epoch=connection_epoch)) if lean is not None
             else (lambda script: _ClusterScript(self._cluster, script)) if self._cluster is not None
             else (lambda script: _PlainScript(client, script))
         )
@@ -229,6 +235,7 @@ class RedisStore(RedisCalls):
             min_replicas_timeout_ms=int(cfg.min_replicas_timeout * 1000),
             closing=closing,
             lean=lean,
+            connection_epoch=cfg.epoch != "script",
         )
 
     def _saw_epoch(self, run_id: str) -> None:
@@ -243,7 +250,7 @@ class RedisStore(RedisCalls):
 
     async def observe(self, key: str, *, reader: str | None = None) -> Observation:
         rkey = self._rkey(key)
-        if self._lean is not None:
+        if self._read_lean is not None:
             committed = await self._observe_committed(rkey, reader)
             if committed is not None:
                 return committed

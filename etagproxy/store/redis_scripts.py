@@ -70,29 +70,34 @@ class _LeanScript:
     """A script run through the pipelined RespClient, shaped like redis-py's
     AsyncScript (`await script(keys, args)`, `.sha`, `.script`)."""
 
-    def __init__(self, client: RespClient, script: str) -> None:
+    def __init__(self, client: RespClient, script: str, *, epoch: bool = True) -> None:
         self._client = client
+        self._epoch = epoch
+        """Send the connection's epoch pair; False: NO_EPOCH, the script reads INFO."""
         self.script = script
         self.sha = hashlib.sha1(script.encode()).hexdigest()
 
     def __call__(self, keys: list[str], args: list[Any]) -> Awaitable[Any]:
         # The client's coroutine itself, not one awaiting it: a layer less.
         # The epoch pair is the connection's own (RespClient.epoch_tail).
-        return self._client.evalsha(self.script, keys, args, epoch=True)
+        if self._epoch:
+            return self._client.evalsha(self.script, keys, args, epoch=True)
+        return self._client.evalsha(self.script, keys, [*args, *NO_EPOCH])
 
     async def many(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """The script once per call, all in one write; loaded on NOSCRIPT.
         Everything within one deadline."""
         client = self._client
         until = client.deadline()
-        commands = [("EVALSHA", self.sha, len(keys), *keys, *args) for keys, args in calls]
+        tail = () if self._epoch else NO_EPOCH
+        commands = [("EVALSHA", self.sha, len(keys), *keys, *args, *tail) for keys, args in calls]
         try:
-            return (await client.pipeline(commands, until, epoch=True))[0]
+            return (await client.pipeline(commands, until, epoch=self._epoch))[0]
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         await client.execute("SCRIPT", "LOAD", self.script, until=until)
-        return (await client.pipeline(commands, until, epoch=True))[0]
+        return (await client.pipeline(commands, until, epoch=self._epoch))[0]
 
 
 class _PlainScript:
