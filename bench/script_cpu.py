@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stack import Stack  # noqa: E402
 
-from etagproxy.store.redis_scripts import BEGIN, END, NO_EPOCH, redis_key  # noqa: E402
+from etagproxy.store.epoch import NO_EPOCH  # noqa: E402
+from etagproxy.store.redis_scripts import BEGIN, END, redis_key  # noqa: E402
 from etagproxy.store.resp import RespClient  # noqa: E402
 
 EMPTY = "#!lua\nreturn 1\n"

@@ -20,11 +20,11 @@ from redis.asyncio import Redis
 from etagproxy.config import parse_store_url
 from etagproxy.store import open_store
 from etagproxy.store.base import BeginStatus, Cause, Outcome, Replay, StoreError, WriteCondition
+from etagproxy.store.epoch import NO_EPOCH, epoch_tail
 from etagproxy.store.memory import MemoryStore
 from etagproxy.store.redis import RedisStore, redis_key
-from etagproxy.store.redis_scripts import BEGIN, NO_EPOCH
-from etagproxy.store.resp import NO_EPOCH as NO_TAIL
-from etagproxy.store.resp import RespClient, epoch_tail
+from etagproxy.store.redis_scripts import BEGIN
+from etagproxy.store.resp import RespClient
 from tests.redis_fixtures import RedisClusterGroup, RedisSentinelGroup, RedisServer
 from tests.store_contract import HELD_MS, NO_PRECONDITION, PAST_SHORT_S, committed, if_match
 
@@ -219,7 +219,7 @@ def test_an_info_reply_without_its_fields_gives_no_epoch_pair() -> None:
     info = b"# Server\r\nrun_id:ab12\r\nuptime_in_seconds:3\r\nserver_time_usec:1700000000123456\r\n"
     assert epoch_tail(info) == (b"ab12", b"1699999997123")
     for dropped in (b"run_id", b"uptime_in_seconds", b"server_time_usec"):
-        assert epoch_tail(info.replace(dropped, b"other")) == NO_TAIL
+        assert epoch_tail(info.replace(dropped, b"other")) == NO_EPOCH
 
 
 # -- TTLs ------------------------------------------------------------------------

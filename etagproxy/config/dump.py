@@ -37,7 +37,7 @@ def dump_effective(config: Config) -> dict[str, Any]:
             "token_ttl": store.token_ttl,
             "min_replicas": store.min_replicas,
             "min_replicas_timeout": store.min_replicas_timeout,
-            "epoch": store.epoch or {"redis": "connection", "memory": None}.get(store.kind, "script"),
+            "epoch": store.epoch_source,
         },
         "timeouts": dataclasses.asdict(config.timeouts),
         "limits": dataclasses.asdict(config.limits),

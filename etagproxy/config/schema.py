@@ -127,6 +127,11 @@ class StoreConfig:
     connections read none; memory has no epoch)."""
 
     @property
+    def epoch_source(self) -> str | None:
+        """`epoch` as it applies: the kind's default when unset."""
+        return self.epoch or {"redis": "connection", "memory": None}.get(self.kind, "script")
+
+    @property
     def masked_url(self) -> str:
         """The URL with its password replaced by '***'."""
         return _mask_url(self.url)

@@ -16,8 +16,8 @@ can end the tag early or leave it empty, and all three keys share a slot.
 
 Time and epoch are the server's: each script reads `TIME`, and the `run_id`
 of `INFO server` (read by the lean client once per connection and passed as
-the scripts' last two ARGV, lua/prelude.lua): proxies with skewed clocks agree on deadlines,
-and a version restored from a snapshot or a lagging replica carries another
+the scripts' last two ARGV, store/epoch.py): proxies with skewed clocks agree
+on deadlines, and a version restored from a snapshot or a lagging replica carries another
 run_id, so it is treated as absent and re-minted (DESIGN §2, "Redis epoch").
 
 Errors::
@@ -235,7 +235,7 @@ class RedisStore(RedisCalls):
             min_replicas_timeout_ms=int(cfg.min_replicas_timeout * 1000),
             closing=closing,
             lean=lean,
-            connection_epoch=cfg.epoch != "script",
+            connection_epoch=cfg.epoch_source == "connection",
         )
 
     def _saw_epoch(self, run_id: str) -> None:

@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from etagproxy.store.base import StoreError
+from etagproxy.store.epoch import NO_EPOCH
 from etagproxy.store.redis_connect import per_node, release, reply_kind
-from etagproxy.store.redis_scripts import NO_EPOCH, _LeanScript
+from etagproxy.store.redis_scripts import _LeanScript
 from etagproxy.store.resp import ReplyError, RespClient, RespError
 
 if TYPE_CHECKING:

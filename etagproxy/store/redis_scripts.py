@@ -18,6 +18,7 @@ from collections.abc import Awaitable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from etagproxy.store.epoch import NO_EPOCH
 from etagproxy.store.resp import ReplyError, RespClient
 
 if TYPE_CHECKING:
@@ -53,11 +54,6 @@ PUT_REPLAY = GROWS + _lua("put_replay.lua")
 INSPECT = READS + _PRELUDE + _lua("inspect.lua")
 
 
-NO_EPOCH = ("", "")
-"""The epoch pair every script call ends its ARGV with (lua/prelude.lua),
-from a caller that has no connection-read epoch: the script reads INFO."""
-
-
 def redis_key(prefix: str, key: str) -> str:
     """The Redis key of resource `key`: the key, escaped, as the hash tag."""
     tag = key.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
@@ -79,7 +75,7 @@ class _LeanScript:
 
     def __call__(self, keys: list[str], args: list[Any]) -> Awaitable[Any]:
         # The client's coroutine itself, not one awaiting it: a layer less.
-        # The epoch pair is the connection's own (RespClient.epoch_tail).
+        # The epoch pair is the connection's own (store/epoch.py, read by RespClient on connect).
         if self._epoch:
             return self._client.evalsha(self.script, keys, args, epoch=True)
         return self._client.evalsha(self.script, keys, [*args, *NO_EPOCH])

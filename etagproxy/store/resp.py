@@ -48,32 +48,13 @@ import asyncio
 import collections
 import hashlib
 import math
-import re
 import socket
 import ssl as ssl_module
 from collections.abc import Sequence
 
 import hiredis
 
-_RUN_ID = re.compile(rb"run_id:([0-9a-f]+)")
-_UPTIME = re.compile(rb"uptime_in_seconds:(\d+)")
-_SERVER_TIME = re.compile(rb"server_time_usec:(\d+)")
-NO_EPOCH = (b"", b"")
-"""The epoch tail of a connection that could not read one: the scripts then
-read INFO themselves."""
-
-
-def epoch_tail(info: bytes) -> tuple[bytes, bytes]:
-    """(run_id, the server process's start in ms of its own clock) from an
-    `INFO server` reply, or NO_EPOCH if it lacks either. The start is taken
-    as the server's time at the reply less its whole seconds of uptime: no
-    later than the real start, so an uptime computed from it is never
-    longer than the one INFO would give (the restart fence in begin.lua is
-    never shortened)."""
-    rid, up, now = _RUN_ID.search(info), _UPTIME.search(info), _SERVER_TIME.search(info)
-    if rid is None or up is None or now is None:
-        return NO_EPOCH
-    return rid.group(1), str(int(now.group(1)) // 1000 - int(up.group(1)) * 1000).encode()
+from etagproxy.store.epoch import NO_EPOCH, epoch_tail, run_id
 
 
 def _retrieve(fut: asyncio.Future[object]) -> None:
@@ -274,8 +255,7 @@ class RespClient:
                 except ReplyError:
                     info = b""  # INFO refused (ACL, a proxy in between): no run_id
                 info = info if isinstance(info, bytes) else b""
-                found = _RUN_ID.search(info)
-                proto.run_id = found.group(1) if found else b""
+                proto.run_id = run_id(info)
                 proto.epoch_tail = epoch_tail(info)
         except BaseException as exc:
             if proto is not None and proto.transport is not None:
