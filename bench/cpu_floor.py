@@ -101,7 +101,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--publish", action="store_true",
                    help="also write bench/results-floors.json and the section of docs/PERFORMANCE.md")
     p.add_argument("--keep", action="store_true", help="keep the working directory (configs, logs)")
-    return p.parse_args(argv)
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
+                   help="also measure etagproxy from source tree DIR as target NAME, in the same rounds "
+                        "(an A/B of two builds; repeatable)")
+    args = p.parse_args(argv)
+    args.compare = [_compare(p, item) for item in args.compare]
+    return args
+
+
+def _compare(p: argparse.ArgumentParser, item: str) -> tuple[str, Path]:
+    name, sep, where = item.partition("=")
+    source = Path(where).resolve()
+    if not sep or not name.isidentifier() or name in TITLES:
+        p.error(f"--compare {item!r}: expected NAME=DIR with NAME a new identifier")
+    if not (source / "etagproxy" / "__init__.py").is_file():
+        p.error(f"--compare {item!r}: {source} holds no etagproxy package")
+    return name, source
 
 
 def plan_for(scenarios: tuple[str, ...], args: argparse.Namespace) -> run.Plan:
@@ -278,10 +293,15 @@ def drf_part(stack: Stack, workdir: Path, redis: Service, count: int, log: Any) 
 # -- output -------------------------------------------------------------------------
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+def columns(compared: list[str]) -> tuple[str, ...]:
+    """The table's targets: etagproxy, the builds compared with it, the floors."""
+    return (COLUMNS[0], *compared, *COLUMNS[1:])
+
+
+def summarize(runs: list[dict[str, Any]], compared: list[str]) -> dict[str, dict[str, dict[str, float]]]:
     out: dict[str, dict[str, dict[str, float]]] = {}
     for s in SCENARIOS:
-        for t in COLUMNS:
+        for t in columns(compared):
             cell = [r for r in runs if r["scenario"] == s and r["target"] == t]
             if cell:
                 out.setdefault(s, {})[t] = {
@@ -292,7 +312,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
 
 
 def table_rows(result: dict[str, Any]) -> list[list[str]]:
-    head = ["scenario", *(TITLES[t] for t in COLUMNS), "etagproxy / aiohttp floor", "etagproxy / httptools floor"]
+    compared = [name for name, _ in result.get("compared", [])]
+    cols = columns(compared)
+    head = ["scenario", *(TITLES.get(t, t) for t in cols), "etagproxy / aiohttp floor",
+            "etagproxy / httptools floor", *(f"{t} / etagproxy" for t in compared)]
     rows = [head]
     for s, cells in result["summary"].items():
         def fmt(t: str) -> str:
@@ -302,12 +325,13 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
             redis = f" + {c['redis_us']:.0f}" if t not in ("fixed304", "nginx") else ""
             return f"{c['cpu_us']:.0f}{redis}"
 
-        def ratio(t: str) -> str:
-            if "etagproxy" not in cells or t not in cells or not cells[t]["cpu_us"]:
+        def ratio(t: str, over: str = "etagproxy") -> str:
+            if over not in cells or t not in cells or not cells[t]["cpu_us"]:
                 return "–"
-            return f"{cells['etagproxy']['cpu_us'] / cells[t]['cpu_us']:.1f}x"
+            return f"{cells[over]['cpu_us'] / cells[t]['cpu_us']:.2f}x"
 
-        rows.append([ROWS[s], *(fmt(t) for t in COLUMNS), ratio("floor-aiohttp"), ratio("floor-httptools")])
+        rows.append([ROWS[s], *(fmt(t) for t in cols), ratio("floor-aiohttp"), ratio("floor-httptools"),
+                     *(ratio("etagproxy", over=t) for t in compared)])
     return rows
 
 
@@ -410,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
             proxy = stack.proxy("etagproxy", upstream_port=origin.port, workers=1,
                                 store=f"redis://127.0.0.1:{redis.port}/0", command=[sys.executable, "-m", "etagproxy"])
             targets["etagproxy"] = run.Target("etagproxy", "proxy", "etagproxy 1 worker, redis://", proxy)
+            for name, source in args.compare:
+                other = stack.proxy(name, upstream_port=origin.port, workers=1, source=source,
+                                    store=f"redis://127.0.0.1:{redis.port}/0", command=[sys.executable, "-m", "etagproxy"])
+                targets[name] = run.Target(name, "proxy", f"etagproxy from {source}", other)
+                scenarios_of[name] = SCENARIOS
             for kind in ("aiohttp", "httptools"):
                 svc = start_floor(stack, kind, origin, redis)
                 targets[svc.name] = run.Target(svc.name, "proxy", f"{kind} floor", svc)
@@ -434,12 +463,14 @@ def main(argv: list[str] | None = None) -> int:
                 load.run_wrk(port=t.service.port, script=run.script_for(t, load.BY_NAME[s], plan.connections,
                              plan_for(scenarios_of[name], args), body, workdir),
                              connections=plan.connections, duration_s=1, threads=plan.threads)
-            cells = [(s, n) for s in SCENARIOS for n in COLUMNS if n in targets and s in scenarios_of[n]]
+            compared = [name for name, _ in args.compare]
+            cols = columns(compared)
+            cells = [(s, n) for s in SCENARIOS for n in cols if n in targets and s in scenarios_of[n]]
             log(f"cpu_floor: {len(cells)} cells x {args.rounds} rounds of {args.duration} s, "
                 f"about {len(cells) * args.rounds * (args.duration + 0.5) / 60:.1f} min; workdir {workdir}")
             for rnd in range(args.rounds):
                 for s in SCENARIOS:
-                    names = [n for n in COLUMNS if (s, n) in cells]
+                    names = [n for n in cols if (s, n) in cells]
                     shift = rnd % len(names)
                     for name in names[shift:] + names[:shift]:
                         t = targets[name]
@@ -477,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
                  "threads": 2, "scenarios": list(SCENARIOS), "drf_requests": args.drf_requests},
         "machine": {**report.machine_info(use_nginx=use_nginx),
                     "load_before": [round(x, 2) for x in load_before]},
-        "summary": summarize(runs),
+        "compared": [[name, str(source)] for name, source in args.compare],
+        "summary": summarize(runs, [name for name, _ in args.compare]),
         "drf": drf,
         "runs": runs,
         "problems": problems,

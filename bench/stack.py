@@ -212,7 +212,9 @@ class Stack:
         store: str,
         workers: int,
         command: list[str],
+        source: Path = REPO,
     ) -> Service:
+        """etagproxy from the source tree `source` (default: this one)."""
         port = free_port()
         cfg = self.workdir / f"{name}.yaml"
         cfg.write_text(
@@ -222,12 +224,12 @@ class Stack:
         if workers > 1:
             argv += ["--workers", str(workers)]
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH", "")]))
         # The config above is the whole truth; stray ETAGPROXY_* would change it.
         for key in [k for k in env if k.startswith("ETAGPROXY_")]:
             del env[key]
-        service = self.spawn(name, argv, port, env=env, cwd=REPO)
-        service.info.update(config=str(cfg), store=store, workers=str(workers))
+        service = self.spawn(name, argv, port, env=env, cwd=source)
+        service.info.update(config=str(cfg), store=store, workers=str(workers), source=str(source))
         return self.ready(service, lambda s: wait_http(s, "/api/items/1", expect=(200,), timeout=30.0))
 
 
