@@ -56,11 +56,13 @@ from stack import BENCH, REPO, Service, Stack, StartError, free_port, wait_http 
 
 RESULTS = BENCH / "results"
 SCENARIOS = ("sc304", "get", "put_ifmatch")
-COLUMNS = ("etagproxy", "floor-aiohttp", "floor-httptools", "fixed304", "nginx")
+LAYERS = ("server", "guard", "route", "store")
+COLUMNS = ("etagproxy", "floor-aiohttp", "floor-httptools", "floor-features", "fixed304", "nginx")
 TITLES = {
     "etagproxy": "etagproxy",
     "floor-aiohttp": "aiohttp floor",
     "floor-httptools": "httptools floor",
+    "floor-features": "httptools + etagproxy's work",
     "fixed304": "fixed-304",
     "nginx": "nginx",
 }
@@ -101,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--publish", action="store_true",
                    help="also write bench/results-floors.json and the section of docs/PERFORMANCE.md")
     p.add_argument("--keep", action="store_true", help="keep the working directory (configs, logs)")
+    p.add_argument("--layers", action="store_true",
+                   help="also measure the store-answered 304 on the features floor cut after each layer "
+                        "of etagproxy's work (floor_features.py --upto)")
     p.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
                    help="also measure etagproxy from source tree DIR as target NAME, in the same rounds "
                         "(an A/B of two builds; repeatable)")
@@ -127,14 +132,20 @@ def plan_for(scenarios: tuple[str, ...], args: argparse.Namespace) -> run.Plan:
     )
 
 
-def start_floor(stack: Stack, kind: str, origin: Service, redis: Service) -> Service:
+def start_floor(stack: Stack, kind: str, origin: Service, redis: Service, upto: str = "all") -> Service:
     port = free_port()
     argv = [sys.executable, str(BENCH / "floors.py"), kind, "--port", str(port)]
-    if kind != "fixed304":
+    name = "fixed304" if kind == "fixed304" else f"floor-{kind}" if upto == "all" else f"layer-{upto}"
+    if kind == "features":
+        cfg = stack.workdir / f"{name}.yaml"
+        cfg.write_text(configs.proxy_yaml(port=port, upstream_port=origin.port,
+                                          store=f"redis://127.0.0.1:{redis.port}/0", prefix="bench-floor-features:"))
+        argv += ["--config", str(cfg), "--upto", upto]
+    elif kind != "fixed304":
         argv += ["--upstream", f"http://127.0.0.1:{origin.port}", "--redis", f"127.0.0.1:{redis.port}",
                  "--prefix", f"bench-floor-{kind}:"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    service = stack.spawn(f"floor-{kind}" if kind != "fixed304" else "fixed304", argv, port, env=env, cwd=REPO)
+    service = stack.spawn(name, argv, port, env=env, cwd=REPO)
     return stack.ready(service, lambda s: wait_http(s, "/api/sc/1", expect=(200,)))
 
 
@@ -301,7 +312,7 @@ def columns(compared: list[str]) -> tuple[str, ...]:
 def summarize(runs: list[dict[str, Any]], compared: list[str]) -> dict[str, dict[str, dict[str, float]]]:
     out: dict[str, dict[str, dict[str, float]]] = {}
     for s in SCENARIOS:
-        for t in columns(compared):
+        for t in (*columns(compared), *(f"layer-{upto}" for upto in LAYERS)):
             cell = [r for r in runs if r["scenario"] == s and r["target"] == t]
             if cell:
                 out.setdefault(s, {})[t] = {
@@ -315,7 +326,7 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
     compared = [name for name, _ in result.get("compared", [])]
     cols = columns(compared)
     head = ["scenario", *(TITLES.get(t, t) for t in cols), "etagproxy / aiohttp floor",
-            "etagproxy / httptools floor", *(f"{t} / etagproxy" for t in compared)]
+            "etagproxy / httptools floor", "etagproxy / httptools + its work", *(f"{t} / etagproxy" for t in compared)]
     rows = [head]
     for s, cells in result["summary"].items():
         def fmt(t: str) -> str:
@@ -331,8 +342,27 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
             return f"{cells[over]['cpu_us'] / cells[t]['cpu_us']:.2f}x"
 
         rows.append([ROWS[s], *(fmt(t) for t in cols), ratio("floor-aiohttp"), ratio("floor-httptools"),
+                     ratio("floor-features"),
                      *(ratio("etagproxy", over=t) for t in compared)])
     return rows
+
+
+def layer_rows(result: dict[str, Any]) -> list[list[str]]:
+    """The store-answered 304 on the features floor, cut after each layer."""
+    cells = result["summary"].get("sc304", {})
+    rows = [["etagproxy's work up to", "CPU µs per 304", "added by the layer µs", "share of the whole"]]
+    names = [f"layer-{upto}" for upto in LAYERS] + ["floor-features"]
+    whole = cells.get("floor-features", {}).get("cpu_us")
+    before = None
+    for name, upto in zip(names, (*LAYERS, "all (the short circuit's decision)")):
+        if name not in cells:
+            continue
+        cpu = cells[name]["cpu_us"]
+        added = "–" if before is None else f"{cpu - before:+.0f}"
+        share = f"{(cpu - (before or 0)) / whole * 100:.0f} %" if whole else "–"
+        rows.append([upto, f"{cpu:.0f}", added, share])
+        before = cpu
+    return rows if len(rows) > 2 else []
 
 
 def drf_rows(drf: dict[str, Any]) -> list[list[str]]:
@@ -373,6 +403,13 @@ def markdown_block(result: dict[str, Any]) -> str:
     if others:
         text += (f"\n\nCPU taken by processes outside the run while wrk ran: median {statistics.median(others):.2f}, "
                  f"at most {max(others):.2f} cores (of {m['cores']}); it lowers req/s, not CPU per request.")
+    layers = layer_rows(result)
+    if layers:
+        text += (
+            "\n\n**Layer by layer** (the store-answered 304 on the httptools + etagproxy's work floor, "
+            "each request stopped after one layer and answered as fixed-304 does; `server` is httptools "
+            "alone):\n\n" + _markdown(layers)
+        )
     if result.get("drf"):
         d = result["drf"]
         text += (
@@ -439,12 +476,17 @@ def main(argv: list[str] | None = None) -> int:
                                     store=f"redis://127.0.0.1:{redis.port}/0", command=[sys.executable, "-m", "etagproxy"])
                 targets[name] = run.Target(name, "proxy", f"etagproxy from {source}", other)
                 scenarios_of[name] = SCENARIOS
-            for kind in ("aiohttp", "httptools"):
+            for kind in ("aiohttp", "httptools", "features"):
                 svc = start_floor(stack, kind, origin, redis)
                 targets[svc.name] = run.Target(svc.name, "proxy", f"{kind} floor", svc)
             targets["fixed304"] = run.Target("fixed304", "fixed", "fixed 304, aiohttp low-level server",
                                              start_floor(stack, "fixed304", origin, redis))
-            for name in ("etagproxy", "floor-aiohttp", "floor-httptools"):
+            layers = LAYERS if args.layers else ()
+            for upto in layers:
+                svc = start_floor(stack, "features", origin, redis, upto)
+                targets[svc.name] = run.Target(svc.name, "fixed", f"features floor up to {upto}", svc)
+                scenarios_of[svc.name] = ("sc304",)
+            for name in ("etagproxy", "floor-aiohttp", "floor-httptools", "floor-features"):
                 scenarios_of[name] = SCENARIOS
             scenarios_of["fixed304"] = ("sc304",)
             if use_nginx:
@@ -459,12 +501,12 @@ def main(argv: list[str] | None = None) -> int:
                         log(f"! {name} {s}: {why}")
             plan = plan_for(SCENARIOS, args)
             for name, t in targets.items():  # warm-up: pools, caches
-                s = scenarios_of[name][0] if name == "fixed304" else "get"
+                s = "get" if "get" in scenarios_of[name] else scenarios_of[name][0]
                 load.run_wrk(port=t.service.port, script=run.script_for(t, load.BY_NAME[s], plan.connections,
                              plan_for(scenarios_of[name], args), body, workdir),
                              connections=plan.connections, duration_s=1, threads=plan.threads)
             compared = [name for name, _ in args.compare]
-            cols = columns(compared)
+            cols = (*columns(compared), *(f"layer-{upto}" for upto in layers))
             cells = [(s, n) for s in SCENARIOS for n in cols if n in targets and s in scenarios_of[n]]
             log(f"cpu_floor: {len(cells)} cells x {args.rounds} rounds of {args.duration} s, "
                 f"about {len(cells) * args.rounds * (args.duration + 0.5) / 60:.1f} min; workdir {workdir}")
@@ -505,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         "commit": _commit(),
         "elapsed_s": round(time.time() - started, 1),
         "plan": {"rounds": args.rounds, "duration": args.duration, "connections": args.connections,
-                 "threads": 2, "scenarios": list(SCENARIOS), "drf_requests": args.drf_requests},
+                 "threads": 2, "scenarios": list(SCENARIOS), "drf_requests": args.drf_requests,
+                 "layers": args.layers},
         "machine": {**report.machine_info(use_nginx=use_nginx),
                     "load_before": [round(x, 2) for x in load_before]},
         "compared": [[name, str(source)] for name, source in args.compare],
@@ -519,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("CPU µs per request (+ redis-server µs per request)")
     print(_text(table_rows(result)))
+    if layer_rows(result):
+        print()
+        print(_text(layer_rows(result)))
     if drf:
         print()
         print(_text(drf_rows(drf)))

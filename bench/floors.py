@@ -19,6 +19,9 @@ answer. Three of them:
     says the tag is not current).
 - `httptools`: the same forwarder on a bare asyncio.Protocol parsed by
   httptools, writing its answers by hand.
+- `features`: that httptools server calling etagproxy's own modules for
+  each answer (`floor_features.py`): what a data plane on httptools would
+  cost at least, with the proxy's per-request work kept.
 
 A version the store does not have yet is minted with the real OBSERVE
 script (and confirmed after a 2xx, as etagproxy does), so the keys, scripts
@@ -27,12 +30,14 @@ proxy: a replaced tag gets 412.
 
     python bench/floors.py fixed304 --port P
     python bench/floors.py aiohttp|httptools --port P --upstream http://127.0.0.1:O --redis 127.0.0.1:R
+    python bench/floors.py features --port P --config etagproxy.yaml
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 from collections import deque
@@ -235,6 +240,15 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     if args.kind == "fixed304":
         factory: object = aiohttp_fixed304()
+    elif args.kind == "features":
+        from floor_features import Features, FeaturesProtocol
+
+        features, date = Features(args.config, args.upto), _Date(loop)
+        # As a proxy worker does: what start-up built stays out of the
+        # collector's passes.
+        gc.collect()
+        gc.freeze()
+        factory = lambda: FeaturesProtocol(features, date)  # noqa: E731
     else:
         fwd = Forwarder(args.upstream, args.redis, args.prefix)
         if args.kind == "aiohttp":
@@ -252,13 +266,19 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("kind", choices=("fixed304", "aiohttp", "httptools"))
+    p.add_argument("kind", choices=("fixed304", "aiohttp", "httptools", "features"))
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream", default="", help="origin base URL (forwarders)")
     p.add_argument("--redis", default="", help="host:port of redis-server (forwarders)")
     p.add_argument("--prefix", default="bench-floor:", help="store key prefix")
+    p.add_argument("--config", default="", help="etagproxy config file (features: upstream, store, routes)")
+    p.add_argument("--upto", default="all", choices=("server", "guard", "route", "store", "all"),
+                   help="features: stop each request after this layer of etagproxy's work (a fixed 304)")
     args = p.parse_args()
-    if args.kind != "fixed304" and not (args.upstream and args.redis):
+    if args.kind == "features":
+        if not args.config:
+            p.error("features needs --config")
+    elif args.kind != "fixed304" and not (args.upstream and args.redis):
         p.error("the forwarders need --upstream and --redis")
     uvloop.run(serve(args))
     return 0
