@@ -11,7 +11,13 @@ and charges redis-server's CPU (from /proc) to each request:
   Cluster and Sentinel connections do, and what every call did before);
 - `empty`: two scripts that return at once: the floor of two EVALSHA
   round trips on this server;
-- `hmget`: the read path's one HMGET (a 304 or a forwarded GET).
+- `hmget`: the read path's one HMGET (a 304 or a forwarded GET);
+- `fcall`: BEGIN and END as the functions of one Redis function library
+  (FUNCTION LOAD, then FCALL), built from the same Lua files: the prelude
+  runs once, when the library loads, instead of in every call;
+- `floor`: two scripts that each read the clock, GET one key and SET it,
+  sent BEGIN's and END's arguments and answering replies of their size:
+  the least a write protocol of two scripts costs this server.
 
 Modes rotate within each round on one redis-server, medians of the rounds.
 With `--instructions`, each mode instead runs on its own redis-server under
@@ -44,12 +50,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from stack import Stack  # noqa: E402
 
 from etagproxy.store.epoch import NO_EPOCH  # noqa: E402
-from etagproxy.store.redis_scripts import BEGIN, END, redis_key  # noqa: E402
+from etagproxy.store.redis_scripts import BEGIN, END, _lua, redis_key  # noqa: E402
 from etagproxy.store.resp import RespClient  # noqa: E402
 
 EMPTY = "#!lua\nreturn 1\n"
 TTL_MS, LEASE_MS = 86_400_000, 10_000
-MODES = ("epoch", "info", "empty", "hmget")
+MODES = ("epoch", "info", "empty", "hmget", "fcall", "floor")
+FLOOR_BEGIN = ("#!lua\nlocal t = redis.call('TIME')\nlocal v = redis.call('GET', KEYS[1])\n"
+               "redis.call('SET', KEYS[1], ARGV[1])\nreturn {'ok', 0, v or '', t[1], '1', t[2], ''}\n")
+FLOOR_END = ("#!lua flags=allow-oom\nlocal t = redis.call('TIME')\nlocal v = redis.call('GET', KEYS[1])\n"
+             "redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])\nreturn {ARGV[4], t[1], '1', v or ''}\n")
+
+
+def function_library() -> str:
+    """BEGIN and END as `bench_begin` and `bench_end` of one library: the
+    prelude's helpers are made once, at load; each call sets the epoch pair
+    and the KEYS/ARGV the helpers read, then runs the script's body."""
+    prelude = _lua("prelude.lua").replace(
+        "local ARGC = #ARGV - 2\nlocal EPOCH, STARTED = ARGV[ARGC + 1], ARGV[ARGC + 2]\n",
+        "local ARGC, EPOCH, STARTED, KEYS, ARGV\n",
+    )
+    assert "local ARGC, EPOCH" in prelude, "prelude.lua changed: update function_library()"
+
+    def function(name: str, body: str, flags: str) -> str:
+        return (f"redis.register_function{{function_name='{name}', flags={{{flags}}}, callback=function(keys, argv)\n"
+                "KEYS, ARGV = keys, argv\nARGC = #ARGV - 2\nEPOCH, STARTED = ARGV[ARGC + 1], ARGV[ARGC + 2]\n"
+                f"{body}\nend}}\n")
+
+    return ("#!lua name=etagproxy_bench\n" + prelude + function("bench_begin", _lua("begin.lua"), "")
+            + function("bench_end", _lua("end.lua"), "'allow-oom'"))
 
 
 async def drive(client: RespClient, mode: str, requests: int, concurrency: int, budget_s: float) -> int:
@@ -57,6 +86,8 @@ async def drive(client: RespClient, mode: str, requests: int, concurrency: int, 
     completed within `budget_s`."""
     done = 0
     stop_at = time.monotonic() + budget_s
+    if mode == "fcall":
+        await client.execute("FUNCTION", "LOAD", "REPLACE", function_library())
 
     async def caller(me: int) -> None:
         nonlocal done
@@ -70,6 +101,16 @@ async def drive(client: RespClient, mode: str, requests: int, concurrency: int, 
             elif mode == "empty":
                 await client.evalsha(EMPTY, [key], [])
                 await client.evalsha(EMPTY, [key], [])
+            elif mode in ("fcall", "floor"):
+                begin_args = [owner, LEASE_MS, "t0", TTL_MS, owner, "", "", "", 0, "", ""]
+                end_args = [owner, "success", 1, f"t{seq}", TTL_MS]
+                if mode == "fcall":
+                    begun = await client.execute("FCALL", "bench_begin", 1, key, *begin_args, epoch=True)
+                    assert begun[0] == b"ok", begun  # type: ignore[index]
+                    assert await client.execute("FCALL", "bench_end", 1, key, *end_args, epoch=True)
+                else:
+                    await client.evalsha(FLOOR_BEGIN, [key], begin_args, epoch=True)
+                    await client.evalsha(FLOOR_END, [key], end_args, epoch=True)
             else:
                 tail = () if mode == "epoch" else NO_EPOCH
                 begun = await client.evalsha(
@@ -85,14 +126,14 @@ async def drive(client: RespClient, mode: str, requests: int, concurrency: int, 
     return done
 
 
-async def measure(port: int, pid_cpu, args: argparse.Namespace) -> dict[str, list[float]]:
+async def measure(port: int, pid_cpu, args: argparse.Namespace, modes: list[str]) -> dict[str, list[float]]:
     client = RespClient("127.0.0.1", port, timeout=5.0)
-    per_mode: dict[str, list[float]] = {m: [] for m in MODES}
+    per_mode: dict[str, list[float]] = {m: [] for m in modes}
     try:
-        for mode in MODES:  # warm: scripts loaded, keys exist
+        for mode in modes:  # warm: scripts loaded, keys exist
             await drive(client, mode, 200, args.concurrency, 10.0)
         for r in range(args.rounds):
-            for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
+            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
                 before = pid_cpu()
                 n = await drive(client, mode, args.requests, args.concurrency, args.budget)
                 per_mode[mode].append((pid_cpu() - before) / n * 1e6)
@@ -166,26 +207,35 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=50)
     ap.add_argument("--budget", type=float, default=30.0, help="seconds at most per mode and round")
     ap.add_argument("--instructions", action="store_true", help="count redis-server's instructions under callgrind")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     args = ap.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - set(MODES):
+        ap.error(f"--modes: expected some of {', '.join(MODES)}")
     if args.instructions:
         if shutil.which("valgrind") is None:
             sys.exit("script_cpu: --instructions needs valgrind (apt-get install -y valgrind)")
         with tempfile.TemporaryDirectory() as tmp:
             print(f"redis-server instructions per request ({args.requests} vs {2 * args.requests} requests):")
             counts = {}
-            for mode in MODES:
+            for mode in modes:
                 low, high = (instructions(mode, n, args, Path(tmp)) for n in (args.requests, 2 * args.requests))
                 counts[mode] = (high - low) / args.requests
                 print(f"  {mode:6s} {counts[mode]:9,.0f}", flush=True)
-            print(f"  epoch / info: {counts['epoch'] / counts['info']:.2f}")
+            for mode in modes:
+                if mode != "epoch" and "epoch" in counts:
+                    print(f"  {mode} / epoch: {counts[mode] / counts['epoch']:.2f}")
         return
     with tempfile.TemporaryDirectory() as tmp, Stack(Path(tmp)) as stack:
         redis = stack.redis()
-        per_mode = asyncio.run(measure(redis.port, redis.cpu, args))
+        per_mode = asyncio.run(measure(redis.port, redis.cpu, args, modes))
     print("redis-server CPU per request, median of", args.rounds, "rounds:")
-    for mode in MODES:
+    for mode in modes:
         print(f"  {mode:6s} {statistics.median(per_mode[mode]):6.2f} us")
-    print(f"  epoch / info: {statistics.median(per_mode['epoch']) / statistics.median(per_mode['info']):.2f}")
+    for mode in modes:
+        if mode != "epoch" and "epoch" in per_mode:
+            ratio = statistics.median(per_mode[mode]) / statistics.median(per_mode["epoch"])
+            print(f"  {mode} / epoch: {ratio:.2f}")
 
 
 if __name__ == "__main__":
