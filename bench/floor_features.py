@@ -41,10 +41,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
-from http import HTTPStatus
+from typing import Any
 
-import httptools
+from floors import HttptoolsForwarder, _Date
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from etagproxy import headers as hdr
@@ -241,78 +240,36 @@ class Features:
             return status, list(out.items()), data
 
 
-class FeaturesProtocol(asyncio.Protocol):
-    """One client connection: httptools parses, `Features` answers, in order."""
+class FeaturesProtocol(HttptoolsForwarder):
+    """The httptools floor's connection, answering through `Features`. A
+    request is queued with its raw header lines (the framing checks and
+    the header rewriting read those) and its peer address."""
 
-    def __init__(self, features: Features, date: object) -> None:
+    def __init__(self, features: Features, date: _Date) -> None:
+        super().__init__(None, date)
         self.features = features
-        self.date = date
-        self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
         self.remote = ""
-        self.pending: deque[tuple[object, ...]] = deque()
-        self.busy = False
-        self._url = b""
         self._raw: list[tuple[bytes, bytes]] = []
-        self._body: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if peer else ""
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            assert self.transport is not None
-            self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
 
     def on_message_begin(self) -> None:
         self._url, self._raw, self._body = b"", [], []
 
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-
     def on_header(self, name: bytes, value: bytes) -> None:
         self._raw.append((name, value))
 
-    def on_body(self, body: bytes) -> None:
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        p = self.parser
-        major, _, minor = p.get_http_version().partition(".")
+    def _message(self) -> tuple[Any, ...]:
+        major, _, minor = self.parser.get_http_version().partition(".")
         headers = CIMultiDictProxy(CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in self._raw))
-        self.pending.append((p.get_method().decode(), self._url.decode("latin-1"), (int(major), int(minor)),
-                             self._raw, headers, b"".join(self._body) if self._body else None, p.should_keep_alive()))
-        if not self.busy:
-            self.busy = True
-            asyncio.ensure_future(self._answer_all())
+        body = b"".join(self._body) if self._body else None
+        return self.parser.get_method().decode(), self._url.decode("latin-1"), (int(major), int(minor)), \
+            self._raw, headers, body
 
-    async def _answer_all(self) -> None:
-        while self.pending:  # bounded by the requests received
-            method, path, version, raw, headers, body, keep = self.pending.popleft()
-            status, lines, data = await self.features.handle(
-                method, path, version, raw, headers, body, self.remote  # type: ignore[arg-type]
-            )
-            if self.transport is None:
-                return
-            parts = [b"HTTP/1.1 %d %s\r\nDate: %s\r\n" % (status, HTTPStatus(status).phrase.encode(),
-                                                          self.date.get())]  # type: ignore[attr-defined]
-            parts += [f"{k}: {v}\r\n".encode("latin-1") for k, v in lines
-                      if k.lower() not in ("content-length", "date")]
-            if status != 304:
-                parts.append(b"Content-Length: %d\r\n" % len(data))
-            if not keep:
-                parts.append(b"Connection: close\r\n")
-            parts += [b"\r\n", data if status != 304 else b""]
-            self.transport.write(b"".join(parts))
-            if not keep:
-                self.transport.close()
-                return
-        self.busy = False
+    async def _answer(self, message: tuple[Any, ...]) -> Answer:
+        status, lines, data = await self.features.handle(*message, self.remote)
+        # The server writes its own Date (the proxy would relay the upstream's).
+        return status, [(k, v) for k, v in lines if k.lower() != "date"], data

@@ -44,6 +44,7 @@ from collections import deque
 from email.utils import formatdate
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -165,14 +166,18 @@ class _Date:
 
 
 class HttptoolsForwarder(asyncio.Protocol):
-    """One client connection: parse with httptools, answer requests in order."""
+    """One client connection: parse with httptools, answer requests in order.
 
-    def __init__(self, fwd: Forwarder, date: _Date) -> None:
+    `_message` is what a parsed request is queued as and `_answer` turns it
+    into (status, header lines, body): the hooks `floor_features.py`
+    overrides to run etagproxy's work on the same server."""
+
+    def __init__(self, fwd: Forwarder | None, date: _Date) -> None:
         self.fwd = fwd
         self.date = date
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self.pending: deque[tuple[str, str, CIMultiDict[str], bytes | None, bool]] = deque()
+        self.pending: deque[tuple[tuple[Any, ...], bool]] = deque()
         self.busy = False
         self._url = b""
         self._headers: CIMultiDict[str] = CIMultiDict()
@@ -206,17 +211,23 @@ class HttptoolsForwarder(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        body = b"".join(self._body) if self._body else None
-        self.pending.append((self.parser.get_method().decode(), self._url.decode("latin-1"), self._headers,
-                             body, self.parser.should_keep_alive()))
+        self.pending.append((self._message(), self.parser.should_keep_alive()))
         if not self.busy:
             self.busy = True
             asyncio.ensure_future(self._answer_all())
 
+    def _message(self) -> tuple[Any, ...]:
+        body = b"".join(self._body) if self._body else None
+        return self.parser.get_method().decode(), self._url.decode("latin-1"), self._headers, body
+
+    async def _answer(self, message: tuple[Any, ...]) -> Answer:
+        assert self.fwd is not None
+        return await self.fwd.handle(*message)
+
     async def _answer_all(self) -> None:
         while self.pending:  # bounded by the requests received
-            method, path, headers, body, keep = self.pending.popleft()
-            status, hdrs, data = await self.fwd.handle(method, path, headers, body)
+            message, keep = self.pending.popleft()
+            status, hdrs, data = await self._answer(message)
             if self.transport is None:
                 return
             parts = [b"HTTP/1.1 %d %s\r\nDate: %s\r\n" % (status, HTTPStatus(status).phrase.encode(), self.date.get())]
