@@ -48,6 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import configs  # noqa: E402
+import floors  # noqa: E402
 import load  # noqa: E402
 import procstat  # noqa: E402
 import report  # noqa: E402
@@ -56,7 +57,7 @@ from stack import BENCH, REPO, Service, Stack, StartError, free_port, wait_http 
 
 RESULTS = BENCH / "results"
 SCENARIOS = ("sc304", "get", "put_ifmatch")
-LAYERS = ("server", "guard", "route", "store")
+LAYERS = floors.LAYERS[:-1]  # each cut of the features floor; "all" is the floor itself
 COLUMNS = ("etagproxy", "floor-aiohttp", "floor-httptools", "floor-features", "fixed304", "nginx")
 TITLES = {
     "etagproxy": "etagproxy",

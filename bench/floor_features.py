@@ -43,7 +43,7 @@ import asyncio
 import time
 from typing import Any
 
-from floors import HttptoolsForwarder, _Date
+from floors import LAYERS, Answer, HttptoolsForwarder, _Date
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from etagproxy import headers as hdr
@@ -67,10 +67,6 @@ from etagproxy.store.base import BeginStatus, StoreError
 from etagproxy.target import canonicalize
 from etagproxy.upstream import Upstream
 from etagproxy.variants import Selected, query_variant, representation_variant
-
-Lines = list[tuple[str, str]]
-Answer = tuple[int, Lines, bytes]
-LAYERS = ("server", "guard", "route", "store", "all")
 
 
 def _fixed(headers: CIMultiDictProxy[str]) -> Answer:

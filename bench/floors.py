@@ -64,6 +64,8 @@ LEASE_MS = 5000
 _HOP = frozenset({"host", "connection", "keep-alive", "content-length", "transfer-encoding",
                   "if-match", "if-none-match", "date", "server", "etag"})
 Answer = tuple[int, list[tuple[str, str]], bytes]
+LAYERS = ("server", "guard", "route", "store", "all")
+"""Where the features floor may stop each request (`floor_features.py`, `--upto`)."""
 
 
 class Forwarder:
@@ -283,8 +285,8 @@ def main() -> int:
     p.add_argument("--redis", default="", help="host:port of redis-server (forwarders)")
     p.add_argument("--prefix", default="bench-floor:", help="store key prefix")
     p.add_argument("--config", default="", help="etagproxy config file (features: upstream, store, routes)")
-    p.add_argument("--upto", default="all", choices=("server", "guard", "route", "store", "all"),
-                   help="features: stop each request after this layer of etagproxy's work (a fixed 304)")
+    p.add_argument("--upto", default="all", choices=LAYERS,
+                   help="features: stop each request after this layer of etagproxy's work and answer as fixed304")
     args = p.parse_args()
     if args.kind == "features":
         if not args.config:
