@@ -81,6 +81,10 @@ def function_library() -> str:
             + function("bench_end", _lua("end.lua"), "'allow-oom'"))
 
 
+_tokens: dict[str, str] = {}
+"""Each key's token as the last END of `epoch` and `info` set it."""
+
+
 async def drive(client: RespClient, mode: str, requests: int, concurrency: int, budget_s: float) -> int:
     """`requests` requests of `mode` from `concurrency` callers; how many
     completed within `budget_s`."""
@@ -113,12 +117,16 @@ async def drive(client: RespClient, mode: str, requests: int, concurrency: int, 
                     await client.evalsha(FLOOR_END, [key], end_args, epoch=True)
             else:
                 tail = () if mode == "epoch" else NO_EPOCH
+                # A PUT with If-Match naming the current token (the first
+                # write of a key has none to name).
+                current = _tokens.get(key)
+                cond = ["L", "", "", 1, "", "", current] if current else ["", "", "", 0, "", ""]
                 begun = await client.evalsha(
-                    BEGIN, [key], [owner, LEASE_MS, "t0", TTL_MS, owner, "", "", "", 0, "", "", *tail],
-                    epoch=mode == "epoch")
+                    BEGIN, [key], [owner, LEASE_MS, "t0", TTL_MS, owner, *cond, *tail], epoch=mode == "epoch")
                 assert begun[0] == b"ok", begun  # type: ignore[index]
+                token = _tokens[key] = f"t{me}-{time.monotonic_ns()}"
                 ended = await client.evalsha(
-                    END, [key], [owner, "success", 1, f"t{seq}", TTL_MS, *tail], epoch=mode == "epoch")
+                    END, [key], [owner, "success", 1, token, TTL_MS, *tail], epoch=mode == "epoch")
                 assert ended, ended
             done += 1
 
@@ -174,6 +182,8 @@ def instructions(mode: str, requests: int, args: argparse.Namespace, workdir: Pa
          "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+
+    _tokens.clear()  # a fresh server: no key has a token
 
     async def run() -> None:
         await _ready(port, proc)

@@ -19,7 +19,7 @@
 -- when the key had none); run_id is the server's current epoch.
 local rid, uptime
 local function reply(status, busy_ms, cur)
-  if cur then return {status, busy_ms, cur.t, cur.m, cur.x, cur.e, rid} end
+  if cur then return {status, busy_ms, cur[T], cur[M], cur[X], cur[E], rid} end
   return {status, busy_ms, '', '', '', '', rid}
 end
 
@@ -27,7 +27,7 @@ local now = now_ms()
 rid, uptime = server_epoch(now)
 local key, owner = KEYS[1], ARGV[1]
 local r = read_key(key)
-if r.s == 'p' and r.o == owner and r.n == ARGV[5] then
+if r[S] == 'p' and r[O] == owner and r[N] == ARGV[5] then
   -- The lease is already ours: this call, retried after a lost reply.
   return reply('ok', 0, current(r, rid))
 end
@@ -42,12 +42,12 @@ end
 local restarted = (ARGV[10] ~= '' and ARGV[10] ~= rid) or ARGV[11] == rid
 local fence_ms = 0
 if restarted and uptime < tonumber(ARGV[2]) then fence_ms = tonumber(ARGV[2]) - uptime end
-if r.s == 'p' then
-  local left = tonumber(r.l) - now
+if r[S] == 'p' then
+  local left = tonumber(r[L]) - now
   if left > 0 then return reply('busy', left, current(r, rid)) end
   -- DESIGN §2.5: the expired write's outcome is unknown.
   local cur = current(r, rid)
-  r = commit(key, rid, ARGV[3], now, cur and cur.x or '0', ARGV[4])
+  r = commit(key, rid, ARGV[3], now, cur and cur[X] or '0', ARGV[4])
 end
 local cur = current(r, rid)
 
@@ -59,15 +59,15 @@ for j = 12, 11 + n do im_tokens[ARGV[j]] = true end
 for j = 12 + n, ARGC do inm_tokens[ARGV[j]] = true end
 
 -- RFC 9110 §13.2.2: If-Match, else If-Unmodified-Since; then If-None-Match.
-local exists = cur ~= nil and cur.x == '1'
+local exists = cur ~= nil and cur[X] == '1'
 local ok = true
 if im ~= '' then
-  if not exists or (im == 'L' and not im_tokens[cur.t]) then ok = false end
+  if not exists or (im == 'L' and not im_tokens[cur[T]]) then ok = false end
 elseif ius and exists then
-  if math.floor(tonumber(cur.m) / 1000) > ius then ok = false end
+  if math.floor(tonumber(cur[M]) / 1000) > ius then ok = false end
 end
 if ok and inm ~= '' and exists then
-  if inm == '*' or inm_tokens[cur.t] then ok = false end
+  if inm == '*' or inm_tokens[cur[T]] then ok = false end
 end
 if not ok then return reply('failed', 0, cur) end
 if fence_ms > 0 then return reply('busy', fence_ms, cur) end

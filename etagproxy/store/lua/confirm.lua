@@ -6,7 +6,7 @@
 local now, rid = now_ms(), run_id()
 local key = KEYS[1]
 local r = read_key(key)
-if not current(r, rid) or r.t ~= ARGV[1] or r.x == '1' then return 0 end
-if r.s == 'p' and tonumber(r.l) <= now then return 0 end
+if not current(r, rid) or r[T] ~= ARGV[1] or r[X] == '1' then return 0 end
+if r[S] == 'p' and tonumber(r[L]) <= now then return 0 end
 redis.call('HSET', key, 'x', '1')
 return 1

@@ -8,18 +8,18 @@
 local now, rid = now_ms(), run_id()
 local key, outcome = KEYS[1], ARGV[2]
 local r = read_key(key)
-if r.s ~= 'p' or r.o ~= ARGV[1] or tonumber(r.l) <= now then
+if r[S] ~= 'p' or r[O] ~= ARGV[1] or tonumber(r[L]) <= now then
   -- Someone may already have minted past us: nothing here is ours.
   return {}
 end
 local cur = current(r, rid)
-if outcome == 'rejected' and cur and r.i ~= '1' then
+if outcome == 'rejected' and cur and r[I] ~= '1' then
   redis.call('HSET', key, 's', 'c')
   redis.call('HDEL', key, 'o', 'n', 'l', 'i')
   redis.call('PEXPIRE', key, ARGV[5])
 else
   local exists = ARGV[3]
-  if outcome == 'rejected' then exists = cur and cur.x or '0' end
+  if outcome == 'rejected' then exists = cur and cur[X] or '0' end
   r = commit(key, rid, ARGV[4], now, exists, ARGV[5])
 end
-return {r.t, r.m, r.x, r.e}
+return {r[T], r[M], r[X], r[E]}

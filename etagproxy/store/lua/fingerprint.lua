@@ -13,10 +13,10 @@
 local now, rid = now_ms(), run_id()
 local key = KEYS[1]
 local r = read_key(key)
-if r.s ~= 'c' or r.e ~= rid or r.t ~= ARGV[1] then return nil end
-if r.d and r.d ~= ARGV[2] then
+if r[S] ~= 'c' or r[E] ~= rid or r[T] ~= ARGV[1] then return nil end
+if r[D] and r[D] ~= ARGV[2] then
   r = commit(key, rid, ARGV[3], now, '1', ARGV[4])
-  return {r.t, r.m, r.x, r.e}
+  return {r[T], r[M], r[X], r[E]}
 end
 redis.call('HSET', key, 'd', ARGV[2])
-return {r.t, r.m, r.x, r.e}
+return {r[T], r[M], r[X], r[E]}

@@ -6,15 +6,15 @@
 local now, rid = now_ms(), run_id()
 local key = KEYS[1]
 local r = read_key(key)
-if not r.s then return 0 end
+if not r[S] then return 0 end
 local cur = current(r, rid)
-if r.s == 'p' then
-  if tonumber(r.l) > now then
+if r[S] == 'p' then
+  if tonumber(r[L]) > now then
     redis.call('HSET', key, 'i', '1')
     return 1
   end
 elseif not cur then
   return 0
 end
-commit(key, rid, ARGV[1], now, cur and cur.x or '0', ARGV[2])
+commit(key, rid, ARGV[1], now, cur and cur[X] or '0', ARGV[2])
 return 1

@@ -9,27 +9,27 @@
 local now, rid = now_ms(), run_id()
 local r = read_key(KEYS[1])
 local cause = ''
-if not r.s then
+if not r[S] then
   r = commit(KEYS[1], rid, ARGV[1], now, '0', ARGV[2])
   cause = 'first_sight'
-elseif r.s == 'p' then
+elseif r[S] == 'p' then
   local cur = current(r, rid)
-  if tonumber(r.l) <= now then
+  if tonumber(r[L]) <= now then
     -- DESIGN §2.5: the write's outcome is unknown.
-    r = commit(KEYS[1], rid, ARGV[1], now, cur and cur.x or '0', ARGV[2])
+    r = commit(KEYS[1], rid, ARGV[1], now, cur and cur[X] or '0', ARGV[2])
     cause = 'lease_expired'
   elseif not cur then
     -- A write in flight on a key with no version: give readers one to hold;
     -- a rejected write restores it.
     redis.call('HSET', KEYS[1], 'e', rid, 't', ARGV[1], 'm', now, 'x', '0')
     redis.call('HDEL', KEYS[1], 'd')
-    cause = r.t and 'epoch' or 'first_sight'
-    r.e, r.t, r.m, r.x = rid, ARGV[1], now, '0'
+    cause = r[T] and 'epoch' or 'first_sight'
+    r[E], r[T], r[M], r[X] = rid, ARGV[1], now, '0'
   end
-elseif r.e ~= rid then
+elseif r[E] ~= rid then
   r = commit(KEYS[1], rid, ARGV[1], now, '0', ARGV[2])
   cause = 'epoch'
 end
 local seen = 0
 if KEYS[2] then seen = redis.call('EXISTS', KEYS[2]) end
-return {r.t, r.m, r.x, r.e, r.s == 'p' and 1 or 0, cause, seen}
+return {r[T], r[M], r[X], r[E], r[S] == 'p' and 1 or 0, cause, seen}
