@@ -26,7 +26,7 @@ end
 local now = now_ms()
 rid, uptime = server_epoch(now)
 local key, owner = KEYS[1], ARGV[1]
-local r = read_key(key)
+local r = read_key(key, L)
 if r[S] == 'p' and r[O] == owner and r[N] == ARGV[5] then
   -- The lease is already ours: this call, retried after a lost reply.
   return reply('ok', 0, current(r, rid))
@@ -54,20 +54,25 @@ local cur = current(r, rid)
 local im, inm = ARGV[6], ARGV[8]
 local ius = tonumber(ARGV[7])
 local n = tonumber(ARGV[9])
-local im_tokens, inm_tokens = {}, {}
-for j = 12, 11 + n do im_tokens[ARGV[j]] = true end
-for j = 12 + n, ARGC do inm_tokens[ARGV[j]] = true end
+-- Whether ARGV[first .. last] names `token` (no table of the tokens: lists
+-- are short, and building one cost more than the scan).
+local function listed(first, last, token)
+  for j = first, last do
+    if ARGV[j] == token then return true end
+  end
+  return false
+end
 
 -- RFC 9110 §13.2.2: If-Match, else If-Unmodified-Since; then If-None-Match.
 local exists = cur ~= nil and cur[X] == '1'
 local ok = true
 if im ~= '' then
-  if not exists or (im == 'L' and not im_tokens[cur[T]]) then ok = false end
+  if not exists or (im == 'L' and not listed(12, 11 + n, cur[T])) then ok = false end
 elseif ius and exists then
   if math.floor(tonumber(cur[M]) / 1000) > ius then ok = false end
 end
 if ok and inm ~= '' and exists then
-  if inm == '*' or inm_tokens[cur[T]] then ok = false end
+  if inm == '*' or listed(12 + n, ARGC, cur[T]) then ok = false end
 end
 if not ok then return reply('failed', 0, cur) end
 if fence_ms > 0 then return reply('busy', fence_ms, cur) end

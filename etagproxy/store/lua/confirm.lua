@@ -5,7 +5,7 @@
 -- Returns 1 if the version was marked, else 0.
 local now, rid = now_ms(), run_id()
 local key = KEYS[1]
-local r = read_key(key)
+local r = read_key(key, L)
 if not current(r, rid) or r[T] ~= ARGV[1] or r[X] == '1' then return 0 end
 if r[S] == 'p' and tonumber(r[L]) <= now then return 0 end
 redis.call('HSET', key, 'x', '1')

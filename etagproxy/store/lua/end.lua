@@ -7,7 +7,7 @@
 -- Returns {} when the lease was lost, else {token, minted_ms, exists, epoch}.
 local now, rid = now_ms(), run_id()
 local key, outcome = KEYS[1], ARGV[2]
-local r = read_key(key)
+local r = read_key(key, I)
 if r[S] ~= 'p' or r[O] ~= ARGV[1] or tonumber(r[L]) <= now then
   -- Someone may already have minted past us: nothing here is ours.
   return {}

@@ -12,7 +12,7 @@
 -- no ETag when the token changed).
 local now, rid = now_ms(), run_id()
 local key = KEYS[1]
-local r = read_key(key)
+local r = read_key(key, D)
 if r[S] ~= 'c' or r[E] ~= rid or r[T] ~= ARGV[1] then return nil end
 if r[D] and r[D] ~= ARGV[2] then
   r = commit(key, rid, ARGV[3], now, '1', ARGV[4])

@@ -5,7 +5,7 @@
 -- Returns 1 if the key was re-minted or marked, 0 if it had no version.
 local now, rid = now_ms(), run_id()
 local key = KEYS[1]
-local r = read_key(key)
+local r = read_key(key, L)
 if not r[S] then return 0 end
 local cur = current(r, rid)
 if r[S] == 'p' then

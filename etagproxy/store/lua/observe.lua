@@ -7,7 +7,7 @@
 -- Returns {token, minted_ms, exists, epoch, pending (0|1), cause, reader_seen (0|1)};
 -- cause is '' or the base.Cause value of the mint.
 local now, rid = now_ms(), run_id()
-local r = read_key(KEYS[1])
+local r = read_key(KEYS[1], L)
 local cause = ''
 if not r[S] then
   r = commit(KEYS[1], rid, ARGV[1], now, '0', ARGV[2])

@@ -49,7 +49,11 @@ end
 -- the constants below: an array rather than a table of names, which cost
 -- redis-server about 5,000 instructions per call to build.
 local S, E, T, M, X, O, N, L, I, D = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
-local function read_key(key)
+-- `upto` is the last field the caller reads: HMGET looks each field up
+-- along the whole hash, an absent one (i, d) at the most cost.
+local function read_key(key, upto)
+  if upto == L then return redis.call('HMGET', key, 's', 'e', 't', 'm', 'x', 'o', 'n', 'l') end
+  if upto == I then return redis.call('HMGET', key, 's', 'e', 't', 'm', 'x', 'o', 'n', 'l', 'i') end
   return redis.call('HMGET', key, 's', 'e', 't', 'm', 'x', 'o', 'n', 'l', 'i', 'd')
 end
 
