@@ -159,7 +159,10 @@ class Proxy:
         self._trace(request, ex)
         if spans is not None:
             spans.server(ex)
-        self.io.metrics.in_flight.inc()
+        metrics = self.io.metrics
+        metrics.in_flight_now += 1
+        if metrics.multiprocess:
+            metrics.in_flight.inc()
         try:
             resp = await self._dispatch(request, ex)
         except TargetError as exc:
@@ -174,7 +177,9 @@ class Proxy:
             ex.error = "internal"
             resp = problem(500, "internal-error", "The proxy failed to handle this request.")
         finally:
-            self.io.metrics.in_flight.dec()
+            metrics.in_flight_now -= 1
+            if metrics.multiprocess:
+                metrics.in_flight.dec()
         ex.status = resp.status
         if not resp.prepared:
             resp.headers["X-Request-ID"] = ex.rid
@@ -183,7 +188,7 @@ class Proxy:
                 # are counted as they go out.
                 ex.bytes_out = len(resp.body)
         method = ex.method if ex.method in METRIC_METHODS else "OTHER"
-        self.io.labelled(self.io.metrics.requests, ex.route, method, resp.status).inc()
+        self.io.labelled(metrics.requests, ex.route, method, resp.status).inc()
         if ex.span is not None:
             spans.finish(ex)
         if self.on_exchange is not None:
