@@ -196,7 +196,12 @@ def check_request(
 
 
 def is_upgrade(msg: RawRequestMessage) -> bool:
-    return msg.upgrade or any(name.lower() == b"upgrade" for name, _ in msg.raw_headers)
+    """Whether a message `check_request` let through asks to switch protocols.
+
+    Both parsers build `headers` from the same field lines as `raw_headers`,
+    and the names of a message let through are tokens (ASCII), whose
+    case-insensitive lookup there is one C call instead of a loop."""
+    return msg.upgrade or "Upgrade" in msg.headers
 
 
 class StrictRequestParserPy(HttpRequestParserPy):

@@ -114,7 +114,11 @@ class Guard:
         self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
     ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
         async def guarded(request: web.BaseRequest) -> web.StreamResponse:
-            refusal = request.get(_REFUSAL)
+            # A GuardedServer puts state only on a request it refuses or
+            # ends the connection with; the others need no key looked up
+            # (a miss costs a KeyError inside Mapping.get).
+            marked = len(request) > 0
+            refusal = request.get(_REFUSAL) if marked else None
             if refusal is not None:
                 return self.refuse(request, refusal)
             if self.in_flight >= self.max_in_flight:
@@ -124,7 +128,7 @@ class Guard:
                 resp = await handler(request)
             finally:
                 self.in_flight -= 1
-            if request.get(_LAST) or resp.headers.get("Connection", "").lower() == "close":
+            if (marked and request.get(_LAST)) or resp.headers.get("Connection", "").lower() == "close":
                 # A response that says close must close: aiohttp would
                 # otherwise reuse the connection if the body happened to be
                 # complete after its lingering read (at most LINGER seconds).

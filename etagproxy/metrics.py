@@ -182,6 +182,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.in_flight_now = 0
+        """Requests being handled by this process. A single process exposes
+        it through the gauge's function (an int update per request instead
+        of a locked gauge update); a pool's workers also update the gauge,
+        whose files the scrape sums."""
+        if not self.multiprocess:
+            self.in_flight.set_function(lambda: self.in_flight_now)
         self.config_reloads = Counter(
             "etagproxy_config_reloads",
             "Route reloads on SIGHUP, by result (applied or rejected).",

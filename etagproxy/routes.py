@@ -24,7 +24,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from etagproxy.target import Target, TargetError, canonicalize, normalize_path_text
@@ -239,9 +239,9 @@ def _canonical_query_name(name: str) -> str:
     return target.query
 
 
-@dataclass(frozen=True, slots=True)
-class Match:
-    """The route a request matched, and what follows from it."""
+class Match(NamedTuple):
+    """The route a request matched, and what follows from it (a NamedTuple,
+    as `Target`: one per request)."""
 
     route: Route
     params: dict[str, str]

@@ -36,7 +36,7 @@ origin-form; authority-form and asterisk-form are refused.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
 
 __all__ = ["Target", "TargetError", "canonicalize", "normalize_path_text"]
@@ -96,9 +96,11 @@ _AUTHORITY = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(?::([0-9]*))?")
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A canonical origin-form request target."""
+class Target(NamedTuple):
+    """A canonical origin-form request target.
+
+    A NamedTuple: immutable, and built in about half the time of a frozen
+    dataclass (one per request)."""
 
     path: str
     """Canonical, percent-encoded, starts with ``/``."""

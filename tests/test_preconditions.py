@@ -674,3 +674,12 @@ def test_store_evaluation_agrees_with_evaluate(method: str, cond: Conditionals, 
         rep = Representation(token=None, etag=None, last_modified=None)
     proceeds = evaluate(method, cond, rep) is Decision.PROCEED
     assert evaluate_write(write_condition(cond), version) == proceeds
+
+
+def test_conditionals_are_immutable() -> None:
+    # A request without conditionals shares one instance.
+    shared = Conditionals.from_headers({})
+    assert shared is Conditionals.from_headers({"Accept": "*/*"}) or shared == Conditionals()
+    with pytest.raises(AttributeError):
+        shared.if_match = '"x"'  # type: ignore[misc]
+    assert shared == Conditionals()

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from etagproxy.store.base import BeginResult, BeginStatus, EndResult, Observation, Version, WriteCondition
 from etagproxy.store.memory import MemoryStore
 from tests.redis_fixtures import RedisClusterGroup, RedisSentinelGroup, RedisServer
 from tests.store_contract import StoreContract
@@ -39,3 +40,13 @@ class TestRedisSentinelStore(StoreContract):
     @pytest.fixture
     async def store(self, redis_sentinel: RedisSentinelGroup, redis_store: Any) -> Any:
         return await redis_store(redis_sentinel)
+
+
+def test_store_values_are_immutable() -> None:
+    version = Version("tok", 1)
+    for value, name in (
+        (version, "token"), (WriteCondition(), "if_match"), (Observation(version, False), "pending"),
+        (BeginResult(BeginStatus.OK, version), "current"), (EndResult(version), "committed"),
+    ):
+        with pytest.raises(AttributeError):
+            setattr(value, name, None)

@@ -339,3 +339,10 @@ def test_encoded_slash_never_merges_with_a_real_one(
     except TargetError:
         return  # the join formed a hidden dot segment: refused, never merged
     assert with_escape != with_slash
+
+
+def test_a_target_is_immutable() -> None:
+    target = canonicalize("/a/?b=1")
+    with pytest.raises(AttributeError):
+        target.path = "/other"  # type: ignore[misc]
+    assert (target.path, target.query, target.raw) == ("/a/", "b=1", "/a/?b=1")

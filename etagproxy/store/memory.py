@@ -18,7 +18,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from etagproxy.store.base import (
     BeginResult,
@@ -139,7 +139,7 @@ class MemoryStore:
         entry, _ = self._current(key, self._clock())
         if entry is not None and entry.version is not None and entry.version.token == token:
             if not entry.version.exists:
-                entry.version = replace(entry.version, exists=True)
+                entry.version = entry.version._replace(exists=True)
 
     async def record_reader(self, key: str, reader: str, ttl_ms: int) -> None:
         now = self._clock()

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from etagproxy.store.base import (
@@ -248,12 +248,16 @@ class RedisStore(RedisCalls):
 
     # -- VersionStore --------------------------------------------------------
 
-    async def observe(self, key: str, *, reader: str | None = None) -> Observation:
+    def observe(self, key: str, *, reader: str | None = None) -> Awaitable[Observation]:
+        # The coroutine that answers, returned rather than awaited here: one
+        # coroutine layer less on every read.
         rkey = self._rkey(key)
         if self._read_lean is not None:
-            committed = await self._observe_committed(rkey, reader)
-            if committed is not None:
-                return committed
+            return self._observe_committed(rkey, reader)
+        return self._observe_script(rkey, reader)
+
+    async def _observe_script(self, rkey: str, reader: str | None) -> Observation:
+        """OBSERVE, the script (lua/observe.lua)."""
         keys = [rkey] if reader is None else [rkey, f"{rkey}:r:{reader}"]
         obs: Observation = await self._call(
             "observe", self._observe, keys, [new_token(), self._ttl_ms], _observation
@@ -261,14 +265,14 @@ class RedisStore(RedisCalls):
         self._saw_epoch(obs.version.epoch)
         return obs
 
-    async def _observe_committed(self, rkey: str, reader: str | None) -> Observation | None:
+    async def _observe_committed(self, rkey: str, reader: str | None) -> Observation:
         """OBSERVE without the script, for the usual case: a version of this
         epoch, no write in flight. Then the script would only read, and
         HMGET reads the same fields atomically (with the reader record in
         the same round trip), at a fraction of the server's time. The epoch
         is the run_id of the server this connection has talked to since it
         opened. Anything else (no version, a write in flight, an older
-        epoch): None, and the script decides."""
+        epoch): the script decides."""
         commands: list[tuple[str, ...]] = [("HMGET", rkey, "s", "e", "t", "m", "x")]
         if reader is not None:
             commands.append(("EXISTS", f"{rkey}:r:{reader}"))
@@ -278,13 +282,14 @@ class RedisStore(RedisCalls):
         try:
             replies, run_id = await self._lean.pipeline(commands)
             state, epoch, token, minted, exists = replies[0]  # type: ignore[misc]
-            if state != b"c" or not run_id or epoch != run_id:
-                return None
-            obs = Observation(
+            committed = state == b"c" and run_id and epoch == run_id
+            obs = None if not committed else Observation(
                 _version(token, minted, exists, epoch), False, None, reader is not None and replies[1] == 1
             )
         except Exception as exc:
             raise self._store_error("observe", exc) from exc
+        if obs is None:
+            return await self._observe_script(rkey, reader)
         self._saw_epoch(obs.version.epoch)
         return obs
 
