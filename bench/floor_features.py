@@ -9,7 +9,7 @@ each answer of `bench/cpu_floor.py` takes, in the order `proxy.py`,
 - every request: the framing checks (`framing.check_request`, what the
   guard runs on each parsed message), the in-flight limit, the request id
   and trace context, `Connection` options, target canonicalization, route
-  matching, the in-flight gauge and the request counter;
+  matching, the in-flight count and the request counter;
 - a read: the preconditions parsed, the store's observe (the real
   `RedisStore`, its lean HMGET path) timed into its histogram, the short
   circuit's own decision (`ShortCircuit.answer`, which builds its 304 as an
@@ -25,7 +25,7 @@ each answer of `bench/cpu_floor.py` takes, in the order `proxy.py`,
 `--upto LAYER` stops each request after one layer of that work and
 answers as the fixed-304 floor does (`server`: nothing but parse and answer; `guard`: the
 framing checks, limit, request id and trace context; `route`: the
-`Connection` options, canonical target, route match and in-flight gauge;
+`Connection` options, canonical target, route match and in-flight count;
 `store`: the store's observe), so a run shows what each layer adds.
 
 Left out, because no answer of the benchmark takes them: error handling
@@ -119,7 +119,7 @@ class Features:
         if upto == 1:
             self.in_flight -= 1
             return _fixed(headers)
-        io.metrics.in_flight.inc()
+        io.metrics.in_flight.enter()
         try:
             named = hdr.connection_tokens(headers.getall("Connection", ()))
             hdr.check_connection(named)
@@ -139,7 +139,7 @@ class Features:
         except (StoreError, OSError):
             answer = (500, [], b"")
         finally:
-            io.metrics.in_flight.dec()
+            io.metrics.in_flight.leave()
             self.in_flight -= 1
         ex.status = answer[0]
         io.labelled(io.metrics.requests, ex.route, method, answer[0]).inc()

@@ -97,6 +97,32 @@ def enable_multiprocess(path: str) -> None:
         _values.ValueClass = value_class
 
 
+class InFlight:
+    """Requests being handled by this process (`enter` / `leave` around
+    each). A single process keeps a plain count that its gauge reads when
+    scraped: an int update per request instead of a locked gauge update. A
+    pool's workers also move the gauge, whose files the scrape sums."""
+
+    __slots__ = ("now", "gauge", "_moved")
+
+    def __init__(self, gauge: Gauge, *, multiprocess: bool) -> None:
+        self.now = 0
+        self.gauge = gauge
+        self._moved = gauge if multiprocess else None
+        if not multiprocess:
+            gauge.set_function(lambda: self.now)
+
+    def enter(self) -> None:
+        self.now += 1
+        if self._moved is not None:
+            self._moved.inc()
+
+    def leave(self) -> None:
+        self.now -= 1
+        if self._moved is not None:
+            self._moved.dec()
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.multiprocess = multiprocess_enabled()
@@ -176,19 +202,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
-        self.in_flight = Gauge(
+        self.in_flight = InFlight(Gauge(
             "etagproxy_in_flight_requests",
             "Requests being handled right now.",
             registry=r,
             multiprocess_mode="livesum",
-        )
-        self.in_flight_now = 0
-        """Requests being handled by this process. A single process exposes
-        it through the gauge's function (an int update per request instead
-        of a locked gauge update); a pool's workers also update the gauge,
-        whose files the scrape sums."""
-        if not self.multiprocess:
-            self.in_flight.set_function(lambda: self.in_flight_now)
+        ), multiprocess=self.multiprocess)
         self.config_reloads = Counter(
             "etagproxy_config_reloads",
             "Route reloads on SIGHUP, by result (applied or rejected).",

@@ -160,9 +160,7 @@ class Proxy:
         if spans is not None:
             spans.server(ex)
         metrics = self.io.metrics
-        metrics.in_flight_now += 1
-        if metrics.multiprocess:
-            metrics.in_flight.inc()
+        metrics.in_flight.enter()
         try:
             resp = await self._dispatch(request, ex)
         except TargetError as exc:
@@ -177,9 +175,7 @@ class Proxy:
             ex.error = "internal"
             resp = problem(500, "internal-error", "The proxy failed to handle this request.")
         finally:
-            metrics.in_flight_now -= 1
-            if metrics.multiprocess:
-                metrics.in_flight.dec()
+            metrics.in_flight.leave()
         ex.status = resp.status
         if not resp.prepared:
             resp.headers["X-Request-ID"] = ex.rid
