@@ -133,9 +133,12 @@ def plan_for(scenarios: tuple[str, ...], args: argparse.Namespace) -> run.Plan:
     )
 
 
-def start_floor(stack: Stack, kind: str, origin: Service, redis: Service, upto: str = "all") -> Service:
+def start_floor(stack: Stack, kind: str, origin: Service, redis: Service, upto: str = "all",
+                *, wrap: tuple[str, ...] = (), timeout: float = 15.0) -> Service:
+    """One floor server of floors.py; `wrap` is a command to run it under
+    (bench/instructions.py: callgrind), which needs a longer `timeout`."""
     port = free_port()
-    argv = [sys.executable, str(BENCH / "floors.py"), kind, "--port", str(port)]
+    argv = [*wrap, sys.executable, str(BENCH / "floors.py"), kind, "--port", str(port)]
     name = "fixed304" if kind == "fixed304" else f"floor-{kind}" if upto == "all" else f"layer-{upto}"
     if kind == "features":
         cfg = stack.workdir / f"{name}.yaml"
@@ -147,7 +150,7 @@ def start_floor(stack: Stack, kind: str, origin: Service, redis: Service, upto: 
                  "--prefix", f"bench-floor-{kind}:"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     service = stack.spawn(name, argv, port, env=env, cwd=REPO)
-    return stack.ready(service, lambda s: wait_http(s, "/api/sc/1", expect=(200,)))
+    return stack.ready(service, lambda s: wait_http(s, "/api/sc/1", expect=(200,), timeout=timeout))
 
 
 def measure(target: run.Target, scenario: str, plan: run.Plan, body: bytes, workdir: Path,

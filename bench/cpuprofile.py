@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=8)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--output", type=Path, help="JSON result (default bench/results/profile-<scenario>-<store>.json)")
+    p.add_argument("--raw", type=Path, help="also keep py-spy's raw stacks here (one line per stack and count)")
     args = p.parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: py-spy failed: {spy_run.stderr.decode(errors='replace')[-500:]}", file=sys.stderr)
                 return 1
             result = analyse(raw_path.read_text())
+            if args.raw:
+                shutil.copyfile(raw_path, args.raw)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     duration = float(data["duration_us"]) / 1e6  # type: ignore[arg-type]

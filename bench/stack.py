@@ -213,6 +213,7 @@ class Stack:
         workers: int,
         command: list[str],
         source: Path = REPO,
+        ready_timeout: float = 30.0,
     ) -> Service:
         """etagproxy from the source tree `source` (default: this one)."""
         port = free_port()
@@ -230,7 +231,7 @@ class Stack:
             del env[key]
         service = self.spawn(name, argv, port, env=env, cwd=source)
         service.info.update(config=str(cfg), store=store, workers=str(workers), source=str(source))
-        return self.ready(service, lambda s: wait_http(s, "/api/items/1", expect=(200,), timeout=30.0))
+        return self.ready(service, lambda s: wait_http(s, "/api/items/1", expect=(200,), timeout=ready_timeout))
 
 
 def wait_http(service: Service, path: str, *, expect: tuple[int, ...], timeout: float = 15.0) -> None:
