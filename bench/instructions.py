@@ -51,7 +51,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import configs  # noqa: E402
-from cpu_floor import SCENARIOS, start_floor  # noqa: E402
+from cpu_floor import LAYERS, SCENARIOS, start_floor  # noqa: E402
 from stack import BENCH, REPO, Service, Stack, StartError  # noqa: E402
 
 RESULTS = BENCH / "results"
@@ -83,8 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1, help="measurements per target and scenario (default 1)")
     p.add_argument("--targets", default=",".join(TITLES),
                    help=f"comma-separated subset of {', '.join(TITLES)} (default: all)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help=f"comma-separated subset of {', '.join(SCENARIOS)} (default: all)")
     p.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
                    help="also count etagproxy from source tree DIR as target NAME (repeatable)")
+    p.add_argument("--layers", action="store_true",
+                   help="also count the store-answered 304 on the features floor cut after each layer "
+                        "of etagproxy's work (floor_features.py --upto)")
     p.add_argument("--upstream", choices=("auto", "builtin"), default="auto",
                    help="origin: nginx when installed (auto) or bench/origin.py")
     p.add_argument("--output", type=Path, default=RESULTS / "instructions.json")
@@ -96,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not targets:
         p.error(f"--targets: unknown {', '.join(unknown) or '(none given)'}; expected some of {', '.join(TITLES)}")
     args.targets = targets
+    args.scenarios = tuple(s for s in SCENARIOS if s in args.scenarios.split(","))
+    if not args.scenarios:
+        p.error(f"--scenarios: expected some of {', '.join(SCENARIOS)}")
     compare = []
     for item in args.compare:
         name, sep, where = item.partition("=")
@@ -253,7 +261,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, int]]
 
 def table(summary: dict[str, dict[str, dict[str, int]]], names: list[str]) -> list[list[str]]:
     """Thousands of instructions per request, and etagproxy's distance to each floor."""
-    head = ["per request, thousands of instructions", *(TITLES.get(n, f"etagproxy ({n})") for n in names)]
+    head = ["per request, thousands of instructions", *(_title(n) for n in names)]
     rows = [head]
     for s in SCENARIOS:
         cells = summary.get(s, {})
@@ -266,17 +274,23 @@ def table(summary: dict[str, dict[str, dict[str, int]]], names: list[str]) -> li
             spread = f" ({c['min'] / 1000:,.0f}-{c['max'] / 1000:,.0f})" if c["max"] != c["min"] else ""
             row.append(f"{c['median'] / 1000:,.0f}{spread}")
         rows.append(row)
-    ours = [n for n in names if n not in TITLES or n == "etagproxy"]
+    ours = [n for n in names if n not in TITLES and not n.startswith("layer-") or n == "etagproxy"]
     for floor in ("floor-aiohttp", "floor-httptools", "floor-features"):
         if floor not in names:
             continue
         for n in ours:
-            row = [f"{TITLES.get(n, f'etagproxy ({n})')} / {TITLES[floor]}"]
+            row = [f"{_title(n)} / {TITLES[floor]}"]
             for s in SCENARIOS:
                 a, b = summary.get(s, {}).get(n), summary.get(s, {}).get(floor)
                 row.append(f"{a['median'] / b['median']:.2f}x" if a and b else "-")
             rows.append(row)
     return rows
+
+
+def _title(name: str) -> str:
+    if name.startswith("layer-"):
+        return f"features floor up to {name.removeprefix('layer-')}"
+    return TITLES.get(name, f"etagproxy ({name})")
 
 
 def render(rows: list[list[str]]) -> str:
@@ -310,6 +324,11 @@ def _start_all(stack: Stack, args: argparse.Namespace, workdir: Path, body: byte
         svc = start_floor(stack, kind, origin, redis, wrap=valgrind(out), timeout=READY_S)
         counted[name] = Counted(svc, out)
         log(f"  {name} ready under callgrind")
+    for upto in LAYERS if args.layers else ():
+        out = workdir / f"callgrind.layer-{upto}"
+        svc = start_floor(stack, "features", origin, redis, upto, wrap=valgrind(out), timeout=READY_S)
+        counted[svc.name] = Counted(svc, out)
+        log(f"  {svc.name} ready under callgrind")
     return counted
 
 
@@ -342,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
             counted = _start_all(stack, args, workdir, body, log)
             names = list(counted)
             for rnd in range(args.rounds):
-                for s in SCENARIOS:
+                for s in args.scenarios:
                     for name in names:
-                        if name == "fixed304" and s != "sc304":
+                        if (name == "fixed304" or name.startswith("layer-")) and s != "sc304":
                             continue
                         r = measure(counted[name], s, body, args.requests, args.warmup)
                         r["round"] = rnd + 1

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from etagproxy import __version__
+from etagproxy.metrics import LoopValue, Metrics
 from tests.metrics import scrape, value
 from tests.test_ops import write_config
 from tests.test_workers import start_pool
@@ -28,6 +29,28 @@ async def test_build_info_and_process_series_in_one_process(make_proxy, recordin
     assert value(samples, "process_resident_memory_bytes") > 10 * 2**20
     assert value(samples, "process_open_fds") > 0
     assert value(samples, "python_info", version=platform.python_version()) == 1
+
+
+def test_one_process_counts_and_times_without_locks_and_the_scrape_shows_it():
+    m = Metrics()
+    requests = m.requests.labels("/api/items/{id}/", "GET", "200")
+    latency = m.store_latency.labels("observe")
+    for _ in range(3):
+        requests.inc()
+        latency.observe(0.0004)
+    latency.observe(7.0)
+    m.in_flight.enter()
+    # Every series of a single process is a plain value (no lock per update).
+    assert type(requests._value) is LoopValue  # noqa: SLF001
+    assert all(type(b) is LoopValue for b in latency._buckets)  # noqa: SLF001
+    text = m.exposition().decode()
+    assert 'etagproxy_requests_total{method="GET",route="/api/items/{id}/",status="200"} 3.0' in text
+    assert 'etagproxy_store_seconds_bucket{le="0.0005",op="observe"} 3.0' in text
+    assert 'etagproxy_store_seconds_bucket{le="5.0",op="observe"} 3.0' in text
+    assert 'etagproxy_store_seconds_bucket{le="10.0",op="observe"} 4.0' in text
+    assert 'etagproxy_store_seconds_count{op="observe"} 4.0' in text
+    assert 'etagproxy_store_seconds_sum{op="observe"} 7.0012' in text
+    assert "etagproxy_in_flight_requests 1.0" in text
 
 
 def _rss(pid: int) -> int:
