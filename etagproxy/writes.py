@@ -6,7 +6,7 @@ tracked route (DESIGN §2).
 for a version from the upstream the verify read (refusals.py), then one
 forward with a hard deadline (`_forward_write`), then END by the outcome
 (`outcome.py`: 2xx and 303 commit a new version, 4xx keep the old one,
-anything else replaces it), shielded from cancellation (leases.py); after
+anything else replaces it), finished even if the handler is cancelled (leases.py); after
 a timeout END waits until the lease is nearly over (`leases.LATE_HOLD_S`),
 since the API may still apply the write. What
 the write changes beyond its key is after_write.py's; a write that fails its

@@ -1,11 +1,23 @@
-"""leases.py: how long a write holds its resource, and the late hold."""
+"""leases.py: how long a write holds its resource, the late hold, and END
+finishing what a write began even when the write's handler is cancelled
+in the middle of it."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from prometheus_client import CollectorRegistry
 
 from etagproxy.config import parse_config
-from etagproxy.leases import LATE_HOLD_S, lease_ms
+from etagproxy.exchange import Exchange
+from etagproxy.forwarding import Forwarding
+from etagproxy.leases import LATE_HOLD_S, Leases, lease_ms
+from etagproxy.metrics import Metrics
+from etagproxy.routes import Router
+from etagproxy.store.base import BeginStatus, EndResult, Outcome, WriteCondition
+from etagproxy.store.memory import MemoryStore
+from etagproxy.upstream import Upstream
 
 UPSTREAM = "upstream: http://127.0.0.1:1\n"
 
@@ -29,3 +41,66 @@ def test_min_replicas_lengthens_the_lease_by_the_wait_for_replicas():
         UPSTREAM + base + "store: {url: 'redis://127.0.0.1:1/0', min_replicas: 1, min_replicas_timeout: 3s}\n"
     )
     assert lease_ms(replicated) == lease_ms(plain) + 3000
+
+
+class HeldEnd(MemoryStore):
+    """A store whose END calls wait until `go` is set, as one in flight
+    does; `ending` is set when the first arrives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ending = asyncio.Event()
+        self.go = asyncio.Event()
+        self.ends: list[str] = []
+
+    async def end(self, key: str, owner: str, outcome: Outcome, *, exists: bool = True) -> EndResult:
+        self.ends.append(key)
+        self.ending.set()
+        await self.go.wait()
+        return await super().end(key, owner, outcome, exists=exists)
+
+
+def _leases(store: MemoryStore) -> tuple[Forwarding, Leases]:
+    config = parse_config("upstream: http://127.0.0.1:9\nroutes:\n  - path: /items/{id}\n")
+    io = Forwarding(config, Router(config.routes), store, Upstream(connect_timeout=1.0), Metrics(CollectorRegistry()))
+    return io, Leases(io)
+
+
+@pytest.mark.parametrize("members", [(), ("/items/2", "/items/3")])
+async def test_a_write_cancelled_during_end_still_ends_its_lease_with_its_outcome(members):
+    store = HeldEnd()
+    io, leases = _leases(store)
+    before = {}
+    for key in ("/items/1", *members):
+        before[key] = (await store.observe(key)).version.token
+        begun = await store.begin(key, WriteCondition(), "owner-1", leases.lease_ms, 0)
+        assert begun.status is BeginStatus.OK
+    ex = Exchange("rid", "PUT", "/items/1", "127.0.0.1", "")
+    ex.members = members
+    ending = asyncio.ensure_future(leases.end(ex, "/items/1", "owner-1", Outcome.SUCCESS))
+    await asyncio.wait_for(store.ending.wait(), 5)
+    ending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await ending
+    # The store answers only now, after the handler is gone.
+    store.go.set()
+    if io.tasks:
+        await asyncio.wait(set(io.tasks), timeout=10)
+    for key in ("/items/1", *members):
+        # The lease is free: another writer's BEGIN goes through at once ...
+        begun = await store.begin(key, WriteCondition(), "owner-2", leases.lease_ms, 0)
+        assert begun.status is BeginStatus.OK, key
+        # ... and the cut write's success minted a new version.
+        assert begun.current is not None and begun.current.token != before[key], key
+
+
+async def test_a_write_not_cancelled_ends_once():
+    store = HeldEnd()
+    store.go.set()
+    io, leases = _leases(store)
+    await store.begin("/items/1", WriteCondition(), "owner-1", leases.lease_ms, 0)
+    ex = Exchange("rid", "PUT", "/items/1", "127.0.0.1", "")
+    committed = await leases.end(ex, "/items/1", "owner-1", Outcome.SUCCESS)
+    assert committed is not None
+    assert store.ends == ["/items/1"]
+    assert not io.tasks
