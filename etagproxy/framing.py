@@ -102,6 +102,20 @@ class Refusal:
         return head.encode("latin-1") + body
 
 
+# Field lines that passed the two checks above, exactly as the parser gave
+# them, with their lower-cased name: clients repeat the same lines (Host,
+# User-Agent, Accept, the tag they were given) on every request, and a line
+# seen before needs neither regular expression again. 2.5 % of a
+# store-answered 304's instructions (bench/instructions.py). Bounded in
+# entries and in the size of each value (at most ~0.4 MB); lines that carry
+# credentials are never kept. A client sending new lines only empties it
+# now and then.
+PASSED_MAX = 1024
+PASSED_VALUE_MAX = 256
+_PASSED: dict[tuple[bytes, bytes], bytes] = {}
+_PRIVATE = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+
+
 def _bad(kind: str, detail: str) -> Refusal:
     return Refusal(400, kind, detail)
 
@@ -138,12 +152,20 @@ def check_request(
     connection: list[str] = []
     expect: list[bytes] = []
     wants_upgrade = upgrade
-    for name, value in raw_headers:
-        if not _FIELD_NAME.fullmatch(name):
-            return _bad("bad-header", "A header field name is not a token.")
-        if _FIELD_VALUE_BAD.search(value):
-            return _bad("bad-header", "A header field value contains a control character.")
-        low = name.lower()
+    passed = _PASSED
+    for line in raw_headers:
+        name, value = line
+        low = passed.get(line)  # type: ignore[call-overload]
+        if low is None:
+            if not _FIELD_NAME.fullmatch(name):
+                return _bad("bad-header", "A header field name is not a token.")
+            if _FIELD_VALUE_BAD.search(value):
+                return _bad("bad-header", "A header field value contains a control character.")
+            low = name.lower()
+            if len(value) <= PASSED_VALUE_MAX and low not in _PRIVATE:
+                if len(passed) >= PASSED_MAX:
+                    passed.clear()
+                passed[line] = low
         if low == b"host":
             hosts.append(value)
         elif low == b"content-length":

@@ -48,3 +48,29 @@ def test_an_upgrade_passes_only_where_the_route_allows_it():
     assert refused("GET", "/ws", headers=ws, upgrade=True) is not None
     allowed = refused("GET", "/ws", headers=ws, upgrade=True, upgrade_allowed=lambda m, t, h: t == "/ws")
     assert allowed is None
+
+
+def test_lines_that_passed_are_remembered_bounded_and_without_credentials():
+    from etagproxy import framing
+
+    framing._PASSED.clear()  # noqa: SLF001
+    ua = (b"User-Agent", b"client/1.0")
+    auth = (b"Authorization", b"Basic dXNlcjpwYXNz")
+    long = (b"X-Long", b"v" * (framing.PASSED_VALUE_MAX + 1))
+    for _ in range(2):
+        assert refused(headers=[*HOST, ua, auth, long]) is None
+    assert framing._PASSED[ua] == b"user-agent"  # noqa: SLF001
+    assert auth not in framing._PASSED and long not in framing._PASSED  # noqa: SLF001
+    # A refused line is never remembered, so it is refused every time; the
+    # same name with another value is checked on its own.
+    bad = (b"User-Agent", b"client/1.0\x01")
+    for _ in range(2):
+        assert refused(headers=[*HOST, bad]) == "400 bad-header"
+    assert bad not in framing._PASSED  # noqa: SLF001
+    assert refused(headers=[*HOST, (b"Bad Name", b"client/1.0")]) == "400 bad-header"
+    # Many new lines only ever fill it up to its bound.
+    for i in range(framing.PASSED_MAX * 2 + 5):
+        assert refused(headers=[*HOST, (b"X-N", str(i).encode())]) is None
+        assert len(framing._PASSED) <= framing.PASSED_MAX  # noqa: SLF001
+    # What it remembers still decides as before: duplicate Host is refused.
+    assert refused(headers=[*HOST, *HOST]) == "400 bad-host"
