@@ -20,6 +20,7 @@ owning the admin port and proxying probes to workers.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import glob
 import os
@@ -93,6 +94,28 @@ class LoopValue:
 
     def get_exemplar(self) -> object:
         return self._exemplar
+
+
+class LoopHistogram(Histogram):
+    """A Histogram whose `observe` finds the bucket by bisection.
+
+    prometheus-client's checks the series is a child on every call and then
+    walks the bounds in Python; here a child is checked once, and `bisect`
+    finds the first bound >= the amount (the same bucket, `le`). The same
+    exposition; the values are whatever the value class is (shared files in
+    a pool)."""
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        # Only a child (or an unlabelled histogram) has buckets to count in.
+        self.observe = self._observe  # type: ignore[method-assign]
+
+    def _observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        if exemplar:
+            Histogram.observe(self, amount, exemplar)
+            return
+        self._sum.inc(amount)
+        self._buckets[bisect.bisect_left(self._upper_bounds, amount)].inc(1)
 
 
 # prometheus-client picks its value class once, when first imported: the
@@ -195,7 +218,7 @@ class Metrics:
             ("cause",),
             registry=r,
         )
-        self.store_latency = Histogram(
+        self.store_latency = LoopHistogram(
             "etagproxy_store_seconds",
             "Latency of version store operations.",
             ("op",),
@@ -208,7 +231,7 @@ class Metrics:
             ("op",),
             registry=r,
         )
-        self.upstream_latency = Histogram(
+        self.upstream_latency = LoopHistogram(
             "etagproxy_upstream_seconds",
             "Time until the upstream's response headers arrived.",
             ("route",),
@@ -221,7 +244,7 @@ class Metrics:
             ("kind",),
             registry=r,
         )
-        self.verify_window = Histogram(
+        self.verify_window = LoopHistogram(
             "etagproxy_verify_window_seconds",
             "On routes with a version from the upstream: from reading the version a"
             " write is checked against until the write's answer arrived, the time a"
@@ -229,7 +252,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.lease_wait = Histogram(
+        self.lease_wait = LoopHistogram(
             "etagproxy_lease_wait_seconds",
             "Time writes waited behind another write to the same resource.",
             buckets=LATENCY_BUCKETS,

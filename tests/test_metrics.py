@@ -32,6 +32,7 @@ async def test_build_info_and_process_series_in_one_process(make_proxy, recordin
 
 
 def test_one_process_counts_and_times_without_locks_and_the_scrape_shows_it():
+    # (a histogram's bucket is found by bisection: LoopHistogram)
     m = Metrics()
     requests = m.requests.labels("/api/items/{id}/", "GET", "200")
     latency = m.store_latency.labels("observe")
@@ -39,17 +40,22 @@ def test_one_process_counts_and_times_without_locks_and_the_scrape_shows_it():
         requests.inc()
         latency.observe(0.0004)
     latency.observe(7.0)
+    latency.observe(0.0005)  # on a bound: counted in it (le)
+    with pytest.raises(ValueError):
+        m.store_latency.observe(0.1)  # the parent has no series of its own
     m.in_flight.enter()
     # Every series of a single process is a plain value (no lock per update).
     assert type(requests._value) is LoopValue  # noqa: SLF001
     assert all(type(b) is LoopValue for b in latency._buckets)  # noqa: SLF001
     text = m.exposition().decode()
     assert 'etagproxy_requests_total{method="GET",route="/api/items/{id}/",status="200"} 3.0' in text
-    assert 'etagproxy_store_seconds_bucket{le="0.0005",op="observe"} 3.0' in text
-    assert 'etagproxy_store_seconds_bucket{le="5.0",op="observe"} 3.0' in text
-    assert 'etagproxy_store_seconds_bucket{le="10.0",op="observe"} 4.0' in text
-    assert 'etagproxy_store_seconds_count{op="observe"} 4.0' in text
-    assert 'etagproxy_store_seconds_sum{op="observe"} 7.0012' in text
+    assert 'etagproxy_store_seconds_bucket{le="0.00025",op="observe"} 0.0' in text
+    assert 'etagproxy_store_seconds_bucket{le="0.0005",op="observe"} 4.0' in text
+    assert 'etagproxy_store_seconds_bucket{le="5.0",op="observe"} 4.0' in text
+    assert 'etagproxy_store_seconds_bucket{le="10.0",op="observe"} 5.0' in text
+    assert 'etagproxy_store_seconds_bucket{le="+Inf",op="observe"} 5.0' in text
+    assert 'etagproxy_store_seconds_count{op="observe"} 5.0' in text
+    assert 'etagproxy_store_seconds_sum{op="observe"} 7.0017' in text
     assert "etagproxy_in_flight_requests 1.0" in text
 
 
