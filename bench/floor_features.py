@@ -111,11 +111,10 @@ class Features:
         io = self.io
         ex = Exchange(hdr.request_id(headers.get("X-Request-ID")), method, raw_path, remote,
                       headers.get("User-Agent", ""))
-        ex.trace_id, ex.parent_id, ex.trace_flags, ex.tracestate = tracing.incoming(
+        ex.trace_id, ex.parent_id, ex.trace_flags, ex.tracestate, ex.span_id = tracing.incoming(
             headers.getall("traceparent", None), headers.getall("tracestate", None),
             sampled=self.config.tracing.sampled,
         )
-        ex.span_id = tracing.new_span_id()
         if upto == 1:
             self.in_flight -= 1
             return _fixed(headers)

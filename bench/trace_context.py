@@ -16,9 +16,8 @@ with_tp = CIMultiDictProxy(CIMultiDict(base + [("traceparent", TP), ("tracestate
 without = CIMultiDictProxy(CIMultiDict(base))
 ex = Exchange("r", "GET")
 def step(h):
-    ex.trace_id, ex.parent_id, ex.trace_flags, ex.tracestate = tracing.incoming(
+    ex.trace_id, ex.parent_id, ex.trace_flags, ex.tracestate, ex.span_id = tracing.incoming(
         h.getall("traceparent", None), h.getall("tracestate", None), sampled=False)
-    ex.span_id = tracing.new_span_id()
     return f"00-{ex.trace_id}-{ex.span_id}-{ex.trace_flags}"
 for name, h in (("client traceparent+tracestate", with_tp), ("no traceparent (new trace)", without)):
     n = 200_000

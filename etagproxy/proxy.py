@@ -143,11 +143,10 @@ class Proxy:
         h = request.headers
         # A request aiohttp could not parse carries a plain dict of headers.
         getall = getattr(h, "getall", None)
-        ex.trace_id, ex.parent_id, ex.trace_flags, ex.tracestate = tracing.incoming(
+        ex.trace_id, ex.parent_id, ex.trace_flags, ex.tracestate, ex.span_id = tracing.incoming(
             getall("traceparent", None) if getall else None, getall("tracestate", None) if getall else None,
             sampled=self.io.config.tracing.sampled,
         )
-        ex.span_id = tracing.new_span_id()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         h = request.headers

@@ -92,19 +92,25 @@ def new_trace_id() -> str:
 
 def incoming(
     parents: Sequence[str] | None, states: Sequence[str] | None, *, sampled: bool
-) -> tuple[str, str, str, str | None]:
-    """(trace-id, parent-id or "", flags, tracestate) for a request whose
-    traceparent and tracestate field lines are `parents` and `states`.
+) -> tuple[str, str, str, str | None, str]:
+    """(trace-id, parent-id or "", flags, tracestate, span-id) for a request
+    whose traceparent and tracestate field lines are `parents` and `states`;
+    span-id is new, the proxy's own span.
 
     A new trace (no single valid traceparent) has parent-id "", flags "01"
-    when `sampled` else "00", and no tracestate.
+    when `sampled` else "00", and no tracestate; its trace-id and the span-id
+    come from one draw of random bytes.
     """
     if parents is not None and len(parents) == 1:
         parsed = parse_traceparent(parents[0])
         if parsed is not None:
             trace_id, parent_id, flags = parsed
-            return trace_id, parent_id, flags, clean_tracestate(states or ())
-    return new_trace_id(), "", "01" if sampled else "00", None
+            return trace_id, parent_id, flags, clean_tracestate(states or ()), new_span_id()
+    both = random_hex(24)
+    trace_id, span_id = both[:32], both[32:]
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:  # pragma: no cover - 2**-64
+        trace_id, span_id = new_trace_id(), new_span_id()
+    return trace_id, "", "01" if sampled else "00", None, span_id
 
 
 def traceparent(trace_id: str, span_id: str, flags: str) -> str:

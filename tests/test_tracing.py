@@ -96,12 +96,23 @@ def test_tracestate_is_checked(values, out):
 
 
 def test_incoming_keeps_the_trace_or_starts_one():
-    assert tracing.incoming([CLIENT_TP], ["a=1"], sampled=False) == (TRACE, PARENT, "01", "a=1")
+    kept = tracing.incoming([CLIENT_TP], ["a=1"], sampled=False)
+    assert kept[:4] == (TRACE, PARENT, "01", "a=1")
+    assert re.fullmatch("[0-9a-f]{16}", kept[4]) and kept[4] != PARENT, "the proxy's own span"
     # Two traceparent lines are invalid: a new trace, and no tracestate.
-    trace_id, parent, flags, state = tracing.incoming([CLIENT_TP, CLIENT_TP], ["a=1"], sampled=False)
+    trace_id, parent, flags, state, span = tracing.incoming([CLIENT_TP, CLIENT_TP], ["a=1"], sampled=False)
     assert trace_id != TRACE and (parent, flags, state) == ("", "00", None)
     assert tracing.incoming(None, None, sampled=True)[2] == "01"
-    assert tracing.incoming(["junk"], ["a=1"], sampled=True)[1:] == ("", "01", None)
+    assert tracing.incoming(["junk"], ["a=1"], sampled=True)[1:4] == ("", "01", None)
+    # A new trace's id and span are well-formed, nonzero and new each time.
+    seen = set()
+    for _ in range(200):
+        trace_id, _, _, _, span = tracing.incoming(None, None, sampled=False)
+        assert re.fullmatch("[0-9a-f]{32}", trace_id) and trace_id != "0" * 32
+        assert re.fullmatch("[0-9a-f]{16}", span) and span != "0" * 16
+        assert trace_id[-16:] != span
+        seen.add((trace_id, span))
+    assert len(seen) == 200
 
 
 def test_upstream_headers_replace_the_clients_trace_fields():
