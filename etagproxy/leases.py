@@ -57,12 +57,13 @@ class Leases:
         A client that hangs up must not leave a lease behind, nor must a
         handler cut by the shutdown. END is awaited here directly, not in a
         shielded task of its own (that task cost 4 % of a PUT's instructions,
-        bench/instructions.py): by the time the caller can be cancelled, at
-        END's first wait, its command is already on its way to the store,
-        which runs it whatever happens to the caller. What a cancelled END
-        may not have done (a second attempt on a new connection, a member
-        not yet sent) is then done again in the background. An END repeated
-        after the first one landed finds the lease gone and changes nothing.
+        bench/instructions.py). Usually, by the time the caller can be
+        cancelled, its command is queued on the store's connection, which
+        sends and runs it whatever happens to the caller. It may not be yet:
+        the key's END waits for the members' first, and a reconnect comes
+        before sending. So a cancelled END is sent again for every key in
+        the background (`_end_again`). An END repeated after the first one
+        landed finds the lease gone and changes nothing.
         """
         members, ex.members = ex.members, ()
         try:
@@ -71,7 +72,7 @@ class Leases:
             return None
         except asyncio.CancelledError:
             for k in (key, *members):
-                self.io.spawn(self.release_unanswered(k, owner, outcome, exists=exists))
+                self.io.spawn(self._end_again(k, owner, outcome, exists))
             raise
         if result.lease_lost:  # type: ignore[attr-defined]
             self.io.metrics.lease_lost.inc()
@@ -95,9 +96,22 @@ class Leases:
                     self.io.minted(Cause.WRITE if outcome is Outcome.SUCCESS else Cause.UNKNOWN_OUTCOME)
         return await self.io.timed_store(ex, "end", self.io.store.end(key, owner, outcome, exists=exists))
 
+    async def _end_again(self, key: str, owner: str, outcome: Outcome, exists: bool) -> None:
+        """END once more for a caller cancelled mid-END; tried again only
+        while the store does not answer. Any answer is final: BEGIN was
+        answered, so a lost lease means the first END landed (or the lease
+        ran out) and there is nothing left to end."""
+        delay = 0.05
+        for _ in range(5):
+            try:
+                await self.io.store.end(key, owner, outcome, exists=exists)
+                return
+            except StoreError:
+                await asyncio.sleep(delay)  # backoff between retries, not a guess at an event
+                delay *= 2
+
     async def release_unanswered(
-        self, key: str, owner: str, outcome: Outcome = Outcome.REJECTED, mint: list[str] | None = None,
-        *, exists: bool = True,
+        self, key: str, owner: str, outcome: Outcome = Outcome.REJECTED, mint: list[str] | None = None
     ) -> None:
         """END(`outcome`) for a BEGIN whose reply was lost, then mint new
         tokens for `mint`. The store may run BEGIN and END out of order
@@ -106,7 +120,7 @@ class Leases:
         delay = 0.05
         for _ in range(5):
             try:
-                result = await self.io.store.end(key, owner, outcome, exists=exists)
+                result = await self.io.store.end(key, owner, outcome)
                 if not result.lease_lost:
                     break
             except StoreError:

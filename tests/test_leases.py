@@ -104,3 +104,42 @@ async def test_a_write_not_cancelled_ends_once():
     assert committed is not None
     assert store.ends == ["/items/1"]
     assert not io.tasks
+
+
+class AnsweredLate(MemoryStore):
+    """A store that runs END at once and answers it only when `go` is set,
+    as Redis does with a command already sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ending = asyncio.Event()
+        self.go = asyncio.Event()
+        self.ends: list[str] = []
+
+    async def end(self, key: str, owner: str, outcome: Outcome, *, exists: bool = True) -> EndResult:
+        self.ends.append(key)
+        result = await super().end(key, owner, outcome, exists=exists)
+        self.ending.set()
+        await self.go.wait()
+        return result
+
+
+async def test_an_end_that_landed_before_the_cancel_is_sent_again_once_and_changes_nothing():
+    store = AnsweredLate()
+    io, leases = _leases(store)
+    await store.begin("/items/1", WriteCondition(), "owner-1", leases.lease_ms, 0)
+    ex = Exchange("rid", "PUT", "/items/1", "127.0.0.1", "")
+    ending = asyncio.ensure_future(leases.end(ex, "/items/1", "owner-1", Outcome.SUCCESS))
+    await asyncio.wait_for(store.ending.wait(), 5)
+    landed = (await store.observe("/items/1")).version.token
+    ending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await ending
+    store.go.set()
+    if io.tasks:
+        await asyncio.wait(set(io.tasks), timeout=10)
+    # The repeat found the lease gone: one more END, not a series of them,
+    # and the version the first one minted stands.
+    assert store.ends == ["/items/1", "/items/1"]
+    assert (await store.observe("/items/1")).version.token == landed
+
