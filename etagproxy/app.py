@@ -35,7 +35,7 @@ from etagproxy.config import Config, ConfigError, load_config
 from etagproxy.exchange import Exchange
 from etagproxy.guard import GuardedServer
 from etagproxy.logs import AccessLog
-from etagproxy.metrics import Metrics
+from etagproxy.metrics import FLUSH_S, Metrics, flush_shared
 from etagproxy.proxy import Proxy
 from etagproxy.routes import Router
 from etagproxy.store import open_store
@@ -88,6 +88,7 @@ class ProxyServer:
         self._runner: web.ServerRunner | None = None
         self._admin: Admin | None = None
         self._watch: asyncio.Future[None] | None = None
+        self._flusher: asyncio.TimerHandle | None = None
         self.port = 0
         self.admin_port = 0
 
@@ -137,6 +138,14 @@ class ProxyServer:
             self.admin_port = _bound_port(admin_site)
         if cfg.watch_config > 0 and cfg.source != "<config>":
             self._watch = asyncio.ensure_future(self._watch_config(cfg.watch_config))
+        if self.metrics.multiprocess:
+            self._flush_metrics()
+
+    def _flush_metrics(self) -> None:
+        """A pool's worker: write its buffered metric updates, and again in
+        FLUSH_S (metrics.py, `_Buffered`)."""
+        flush_shared()
+        self._flusher = asyncio.get_running_loop().call_later(FLUSH_S, self._flush_metrics)
 
     async def _check_store(self) -> None:
         """Say at start what the store's server settings mean for safety.
@@ -282,6 +291,10 @@ class ProxyServer:
         if self._admin is not None:
             admin, self._admin = self._admin, None
             await admin.close()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+            flush_shared()  # the last counts of a worker that stops
 
 
 def _same_setting(new: object, running: object) -> bool:

@@ -42,7 +42,7 @@ import tempfile
 import time
 
 from etagproxy.config import Config, ConfigError, load_config
-from etagproxy.metrics import enable_multiprocess, worker_restarts
+from etagproxy.metrics import buffer_shared_values, enable_multiprocess, worker_restarts
 
 log = logging.getLogger("etagproxy")
 
@@ -135,6 +135,9 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             from etagproxy.app import serve
 
+            # Before the worker's metrics exist: its updates are buffered
+            # and written to its shared file once a second (metrics.py).
+            buffer_shared_values()
             code = asyncio.run(
                 serve(
                     self.config,

@@ -24,7 +24,7 @@ from etagproxy.inspect import inspect_url
 from etagproxy.store.memory import MemoryStore
 from tests.metrics import metric, scrape
 from tests.test_ops import logged, write_config
-from tests.test_workers import fresh
+from tests.test_workers import fresh, scrape_pool
 
 ADMIN = "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nupstream: {upstream}\n"
 
@@ -328,6 +328,9 @@ async def test_a_pool_of_workers_shows_the_pool_totals_on_every_worker(
         assert (await fresh("PUT", base + "/api/items/1/", data="x", headers={"If-Match": '"stale"'}))[0] == 412
     await pool.wait_access(2 * rounds)
     route = "/api/items/{id}/"
+    # Once every worker has written its counts (within metrics.FLUSH_S),
+    # every one of them shows the pool's totals.
+    await scrape_pool(admin, "etagproxy_requests_total", 2 * rounds, route=route)
     for _ in range(4):
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
             async with s.get(admin + "/") as r:

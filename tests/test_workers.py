@@ -3,6 +3,7 @@ a supervisor that restarts crashed workers and forwards signals."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from etagproxy.metrics import FLUSH_S
 from tests.metrics import scrape, value
 from tests.proxy_processes import ProxyProcess
 from tests.test_ops import write_config
@@ -30,6 +32,19 @@ async def start_pool(processes: Any, conf: Path) -> tuple[ProxyProcess, dict[str
     assert len(pids) == WORKERS and pool.proc.pid not in pids
     assert {r["port"] for r in listening} == {supervisor["port"]}, "every worker on the one port"
     return pool, supervisor, pids
+
+
+async def scrape_pool(admin: str, name: str, expected: float, **labels: str) -> list[Any]:
+    """Scrape until `name` reads `expected`: each worker writes its counts to
+    the pool's files once a second (metrics.FLUSH_S), so a scrape that lands
+    on another worker sees them that much later. Bounded at 5 s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5 * FLUSH_S
+    while True:
+        _, m = await scrape(admin)
+        if value(m, name, **labels) == expected or loop.time() > deadline:
+            return m
+        await asyncio.sleep(0.1)  # polling another process's flush: no event to await
 
 
 async def fresh(method: str, url: str, **kw: Any) -> tuple[int, str | None, bytes]:
@@ -64,7 +79,11 @@ async def test_workers_share_the_port_the_store_and_the_metrics(
     sent = 1 + 3 * rounds
     await pool.wait_access(sent)
 
-    # Each scrape lands on some worker; every one answers for the pool.
+    # Each scrape lands on some worker; every one answers for the pool, once
+    # the workers have written their counts (within FLUSH_S).
+    # A worker writes all its counts at once, after its last request: when
+    # the total is whole, so is every other series.
+    await scrape_pool(admin, "etagproxy_requests_total", sent)
     for _ in range(6):
         _, m = await scrape(admin)
         assert value(m, "etagproxy_requests_total") == sent
@@ -90,6 +109,9 @@ async def test_supervisor_restarts_a_crashed_worker_and_forwards_signals(
     for _ in range(6):
         assert (await fresh("GET", base + "/api/open/1/"))[0] == 200
     await pool.wait_access(6)  # flushed: a SIGKILL loses a worker's unwritten log buffer
+    # And the counts written: a SIGKILL also loses a worker's last FLUSH_S of them.
+    m = await scrape_pool(admin, "etagproxy_requests_total", 6)
+    assert value(m, "etagproxy_requests_total") == 6
 
     victim = min(pids)
     os.kill(victim, signal.SIGKILL)
@@ -103,7 +125,7 @@ async def test_supervisor_restarts_a_crashed_worker_and_forwards_signals(
     for _ in range(6):
         assert (await fresh("GET", base + "/api/open/1/"))[0] == 200
     await pool.wait_access(12)
-    _, m = await scrape(admin)
+    m = await scrape_pool(admin, "etagproxy_requests_total", 12)
     assert value(m, "etagproxy_worker_restarts_total") == 1
     # The dead worker's counts stay in the totals.
     assert value(m, "etagproxy_requests_total") == 12
@@ -162,3 +184,44 @@ print(os.getpid(), pid)
     parent, child = (int(x) for x in done.stdout.split())
     files = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("counter_"))
     assert files == sorted(f"counter_{n}.db" for n in (parent, child, 4242)), files
+
+
+def test_a_workers_updates_reach_its_shared_file_when_flushed(tmp_path: Path) -> None:
+    """A pool's worker buffers its updates (no lock and file write each):
+    the shared file has them after `flush_shared`, and the worker's own
+    scrape writes them first; a gauge's `set` writes through."""
+    script = f"""
+import json
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+import etagproxy.metrics as metrics
+
+def shared(name):
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path={str(tmp_path)!r})
+    return sum(s.value for f in registry.collect() for s in f.samples if s.name == name)
+
+metrics.enable_multiprocess({str(tmp_path)!r})
+metrics.buffer_shared_values()
+m = metrics.Metrics()
+for _ in range(3):
+    m.requests.labels("/r", "GET", "200").inc()
+m.store_latency.labels("observe").observe(0.0004)
+out = {{"before": shared("etagproxy_requests_total"), "own": m.requests.labels("/r", "GET", "200")._value.get()}}
+metrics.flush_shared()
+out["flushed"] = shared("etagproxy_requests_total")
+out["histogram"] = shared("etagproxy_store_seconds_count")
+m.requests.labels("/r", "GET", "200").inc()
+out["scraped"] = "etagproxy_requests_total{{method=\\"GET\\",route=\\"/r\\",status=\\"200\\"}} 4.0" in m.exposition().decode()
+m.store_eviction_unsafe.set(1)
+out["set"] = shared("etagproxy_store_eviction_unsafe")
+print(json.dumps(out))
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out == {"before": 0, "own": 3.0, "flushed": 3.0, "histogram": 1.0, "scraped": True, "set": 1.0}, out
+
