@@ -44,20 +44,24 @@ def test_min_replicas_lengthens_the_lease_by_the_wait_for_replicas():
 
 
 class HeldEnd(MemoryStore):
-    """A store whose END calls wait until `go` is set, as one in flight
-    does; `ending` is set when the first arrives."""
+    """A store whose END answers only once `go` is set; `ending` is set when
+    the first arrives. With `lands_first`, END runs at once and only its
+    answer waits, as on Redis with a command already sent; else END runs
+    only after `go`, as one not yet sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, lands_first: bool = False) -> None:
         super().__init__()
+        self.lands_first = lands_first
         self.ending = asyncio.Event()
         self.go = asyncio.Event()
         self.ends: list[str] = []
 
     async def end(self, key: str, owner: str, outcome: Outcome, *, exists: bool = True) -> EndResult:
         self.ends.append(key)
+        result = await super().end(key, owner, outcome, exists=exists) if self.lands_first else None
         self.ending.set()
         await self.go.wait()
-        return await super().end(key, owner, outcome, exists=exists)
+        return result if result is not None else await super().end(key, owner, outcome, exists=exists)
 
 
 def _leases(store: MemoryStore) -> tuple[Forwarding, Leases]:
@@ -106,26 +110,8 @@ async def test_a_write_not_cancelled_ends_once():
     assert not io.tasks
 
 
-class AnsweredLate(MemoryStore):
-    """A store that runs END at once and answers it only when `go` is set,
-    as Redis does with a command already sent."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ending = asyncio.Event()
-        self.go = asyncio.Event()
-        self.ends: list[str] = []
-
-    async def end(self, key: str, owner: str, outcome: Outcome, *, exists: bool = True) -> EndResult:
-        self.ends.append(key)
-        result = await super().end(key, owner, outcome, exists=exists)
-        self.ending.set()
-        await self.go.wait()
-        return result
-
-
 async def test_an_end_that_landed_before_the_cancel_is_sent_again_once_and_changes_nothing():
-    store = AnsweredLate()
+    store = HeldEnd(lands_first=True)
     io, leases = _leases(store)
     await store.begin("/items/1", WriteCondition(), "owner-1", leases.lease_ms, 0)
     ex = Exchange("rid", "PUT", "/items/1", "127.0.0.1", "")
