@@ -31,6 +31,7 @@ proxy: a replaced tag gets 412.
     python bench/floors.py fixed304 --port P
     python bench/floors.py aiohttp|httptools --port P --upstream http://127.0.0.1:O --redis 127.0.0.1:R
     python bench/floors.py features --port P --config etagproxy.yaml
+    ... --processes N    N copies on the port, as `etagproxy run --workers N`
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import signal
 import sys
 from collections import deque
@@ -269,7 +271,8 @@ async def serve(args: argparse.Namespace) -> None:
         else:
             date = _Date(loop)
             factory = lambda: HttptoolsForwarder(fwd, date)  # noqa: E731
-    server = await loop.create_server(factory, "127.0.0.1", args.port, backlog=4096)  # type: ignore[arg-type]
+    server = await loop.create_server(factory, "127.0.0.1", args.port, backlog=4096,  # type: ignore[arg-type]
+                                      reuse_port=args.processes > 1)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -287,14 +290,48 @@ def main() -> int:
     p.add_argument("--config", default="", help="etagproxy config file (features: upstream, store, routes)")
     p.add_argument("--upto", default="all", choices=LAYERS,
                    help="features: stop each request after this layer of etagproxy's work and answer as fixed304")
+    p.add_argument("--processes", type=int, default=1, help="copies serving the port (SO_REUSEPORT)")
     args = p.parse_args()
+    if args.processes < 1:
+        p.error("--processes must be at least 1")
     if args.kind == "features":
         if not args.config:
             p.error("features needs --config")
     elif args.kind != "fixed304" and not (args.upstream and args.redis):
         p.error("the forwarders need --upstream and --redis")
-    uvloop.run(serve(args))
-    return 0
+    if args.processes == 1:
+        uvloop.run(serve(args))
+        return 0
+    return pool(args)
+
+
+def pool(args: argparse.Namespace) -> int:
+    """`--processes N`: N copies on one port (SO_REUSEPORT), as `etagproxy
+    run --workers N` runs; SIGTERM or SIGINT is passed on to each."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
+    pids = []
+    for _ in range(args.processes):
+        pid = os.fork()
+        if pid == 0:  # the copy: its own loop, store and upstream connections
+            code = 1
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
+                uvloop.run(serve(args))
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    # Until told to stop or until a copy dies: either ends the pool.
+    signal.sigwait({signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    code = 0
+    for pid in pids:
+        code |= os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return 1 if code else 0
 
 
 if __name__ == "__main__":
