@@ -10,7 +10,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 
-from multidict import CIMultiDict
+from multidict import MultiMapping
 
 __all__ = ["Exchange", "credential_hash"]
 
@@ -60,9 +60,9 @@ class Exchange:
     """The OpenTelemetry server span (`tracing: {otel: true}`), else None."""
 
 
-def credential_hash(headers: CIMultiDict[str] | object) -> str:
+def credential_hash(headers: MultiMapping[str]) -> str:
     """Who is asking, as far as the upstream's authorisation can tell."""
-    get = headers.getall  # type: ignore[attr-defined]
+    get = headers.getall
     h = hashlib.blake2b(digest_size=16, person=b"etagproxy-cred")
     for value in get("Authorization", ()):
         h.update(b"a" + value.encode("latin-1", "replace") + b"\0")

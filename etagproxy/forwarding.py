@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -80,9 +80,9 @@ class Forwarding:
             loop = self._loop = asyncio.get_running_loop()
         return loop
 
-    def spawn(self, coro: object) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         """Run a background task and keep a reference until it is done."""
-        task = self.loop.create_task(coro)  # type: ignore[arg-type]
+        task = self.loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

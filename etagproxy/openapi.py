@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 __all__ = ["GeneratedRoute", "OpenAPIError", "merge_overrides", "parse_document", "parse_overrides",
            "render", "routes_from_schema"]

@@ -83,7 +83,8 @@ class Reads:
                 if obs is None or obs.pending or not 200 <= up.status < 300:
                     ex.decision = "pending" if obs is not None and obs.pending else ""
                     return await self.io.relay(request, ex, up, out)
-                version: Version | None = obs.version
+                version: Version | None
+                version = obs.version
                 body: bytes | None = None
                 more = False
                 # Only the full representation without extra parameters or a

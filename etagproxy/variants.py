@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 from etagproxy.target import Target
 
@@ -78,7 +78,7 @@ def query_variant(target: Target, key_query: Collection[str]) -> str:
 
 
 def representation_variant(
-    qpart: str, up_headers: CIMultiDict[str] | object, plain_types: Collection[str] = ("application/json",),
+    qpart: str, up_headers: MultiMapping[str], plain_types: Collection[str] = ("application/json",),
 ) -> str:
     """`<variant>` of `"<token>-<variant>"`; '' for the plain representation.
 
@@ -90,8 +90,8 @@ def representation_variant(
     the same bytes), so the default representation carries the plain tag a
     write returns; the content coding always counts.
     """
-    get = up_headers.get  # type: ignore[attr-defined]
-    getall = up_headers.getall  # type: ignore[attr-defined]
+    get = up_headers.get
+    getall = up_headers.getall
     parts = [qpart] if qpart else []
     # List fields may come as several lines (RFC 9110 §5.3).
     vary = ", ".join(getall("Vary", ()))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from etagproxy.config.addresses import _parse_upstream
 from etagproxy.config.check import SECTIONS, _Checker, _unknown_key
@@ -109,7 +109,7 @@ def _read_methods(checker: _Checker, node: _Node, path: str) -> frozenset[str] |
         expected = "at least one method (leave methods out for all)"
         checker.problems.add(node, path, expected, "an empty list")
         return _INVALID
-    return methods if methods is _INVALID else frozenset(methods)
+    return methods if methods is _INVALID else frozenset(cast("tuple[str, ...]", methods))
 
 
 def _read_version(checker: _Checker, node: _Node, path: str) -> VersionSource | None | _Invalid:
@@ -151,7 +151,7 @@ def _read_version(checker: _Checker, node: _Node, path: str) -> VersionSource | 
             return _INVALID
         return VersionSource("header", header=header, upstream_if_match=bool(checks))
     fields = checker.sequence(entries["field"][1], _join(path, "field"), "JSON field names", _parse_field_name)
-    return _INVALID if fields is _INVALID else VersionSource("field", fields=fields)
+    return _INVALID if fields is _INVALID else VersionSource("field", fields=cast("tuple[str, ...]", fields))
 
 
 _BULK_PARSERS: Final[dict[str, Callable[[object], Any]]] = {

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 from etagproxy.config.scalars import _describe
 

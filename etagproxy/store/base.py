@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -222,11 +223,12 @@ class VersionStore(Protocol):
 
     epoch: str
 
-    async def observe(self, key: str, *, reader: str | None = None) -> Observation:
+    def observe(self, key: str, *, reader: str | None = None) -> Awaitable[Observation]:
         """Return the committed version of `key`, minting one (exists=False)
         if it has none (or its pending write's deadline passed, or it is from
         another epoch). `reader`, if given, is checked against readers recorded by
-        `record_reader`."""
+        `record_reader`. An awaitable rather than a coroutine: RedisStore hands
+        back the coroutine that answers (one coroutine layer less per read)."""
         ...
 
     async def confirm(self, key: str, token: str) -> None:

@@ -133,7 +133,8 @@ class MemoryStore:
         if reader is not None:
             until = self._readers.get((key, reader))
             seen = until is not None and until > now
-        return Observation(entry.version, entry.owner is not None, cause, seen)
+        # Not None: minted above where it was (mypy cannot see it for the new entry).
+        return Observation(entry.version, entry.owner is not None, cause, seen)  # type: ignore[arg-type]
 
     async def confirm(self, key: str, token: str) -> None:
         entry, _ = self._current(key, self._clock())

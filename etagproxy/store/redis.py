@@ -281,6 +281,13 @@ class RedisStore(RedisCalls):
         # coroutine layer less on every read.
         try:
             replies, run_id = await self._lean.pipeline(commands)
+            # HMGET's fields; one the hash lacks is None, but only a committed
+            # version's are used, and lua/prelude.lua writes those together.
+            state: bytes
+            epoch: bytes
+            token: bytes
+            minted: bytes
+            exists: bytes
             state, epoch, token, minted, exists = replies[0]  # type: ignore[misc]
             committed = state == b"c" and run_id and epoch == run_id
             obs = None if not committed else Observation(
@@ -397,7 +404,7 @@ class RedisStore(RedisCalls):
             fields = dict(zip(flat[::2], flat[1::2], strict=True))
         else:
             async with self._guard("get_replay"):
-                fields = await self._client.hgetall(name)  # type: ignore[union-attr,misc]
+                fields = await self._client.hgetall(name)  # type: ignore[union-attr,assignment]
         if not fields:
             return None
         headers = tuple((name, value) for name, value in json.loads(fields[b"h"]))

@@ -72,7 +72,8 @@ class ReplyError(Exception):
 
 def pack(args: Sequence[bytes | str | int | float]) -> bytes:
     """One RESP command: an array of bulk strings (hiredis' C packer)."""
-    return hiredis.pack_command(args if isinstance(args, tuple) else tuple(args))
+    # hiredis' stub types the command as a tuple of one item (`Tuple[X]`, not `Tuple[X, ...]`).
+    return hiredis.pack_command(args if isinstance(args, tuple) else tuple(args))  # type: ignore[arg-type]
 
 
 class _Protocol(asyncio.Protocol):
