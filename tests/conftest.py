@@ -6,7 +6,7 @@ from hypothesis import settings
 
 from tests.drf_fixtures import *  # noqa: F401,F403  (a real Django REST Framework API)
 from tests.proxy_fixtures import *  # noqa: F401,F403  (upstreams and proxies on loopback)
-from tests.proxy_processes import processes  # noqa: F401  (`etagproxy run` child processes)
+from tests.proxy_processes import processes, proxies  # noqa: F401  (`etagproxy run` child processes)
 from tests.redis_fixtures import *  # noqa: F401,F403  (redis-server / sentinel / cluster)
 
 # In CI, property tests draw the same examples on every run, so a landing is

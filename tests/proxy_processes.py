@@ -16,7 +16,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.metrics import Sample, scrape
+from tests.ports import free_port
 
 __all__ = ["ProxyProcess", "counter_config", "processes", "start_proxy"]
 
@@ -277,3 +278,29 @@ async def start_proxy(
     handle.url = f"http://127.0.0.1:{found.group(1)}"
     handle.admin_url = f"http://127.0.0.1:{admin.group(1)}"
     return handle
+
+
+StartProxies = Callable[..., Awaitable[list[ProxyProcess]]]
+"""The `proxies` fixture: `await proxies(upstream_url, store_url, n=2, access_log=False, **config)`."""
+
+
+@pytest.fixture
+async def proxies(tmp_path: Path) -> AsyncIterator[StartProxies]:
+    """`n` replicas of the counter config (tests/test_lost_updates.py) on one
+    upstream and one store; each must exit 0 when the test ends."""
+    started: list[ProxyProcess] = []
+
+    async def start(upstream: str, store: str, n: int = 2, *, access_log: bool = False, **cfg: str) -> list[ProxyProcess]:
+        texts = [counter_config(upstream, store, admin_port=free_port(), **cfg) for _ in range(n)]
+        results = await asyncio.gather(
+            *(start_proxy(text, tmp_path, access_log=access_log) for text in texts), return_exceptions=True
+        )
+        started.extend(r for r in results if isinstance(r, ProxyProcess))
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return [r for r in results if isinstance(r, ProxyProcess)]
+
+    yield start
+    codes = [await p.stop() for p in started]
+    assert codes == [0] * len(started), [p.stderr[-20:] for p in started]

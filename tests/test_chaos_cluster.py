@@ -38,9 +38,8 @@ from etagproxy.store.redis import redis_key
 from tests.chaos_rows import long_scenario, report
 from tests.counter_clients import Ledger, Span, audit, increment_until, read_counter, write_counter
 from tests.fault_upstream import PREFIX, FaultUpstream, running_upstream
-from tests.proxy_processes import ProxyProcess
+from tests.proxy_processes import ProxyProcess, StartProxies
 from tests.redis_fixtures import RedisClusterGroup, RedisServer
-from tests.test_lost_updates import StartProxies, proxies  # noqa: F401  (fixture)
 
 CLIENTS = 16
 KEYS = ("k0", "k1", "k2", "k3")

@@ -31,10 +31,10 @@ import pytest
 from tests.chaos_rows import long_scenario, report
 from tests.counter_clients import Ledger, audit
 from tests.fault_upstream import FaultUpstream, running_upstream
-from tests.proxy_processes import ProxyProcess
+from tests.proxy_processes import ProxyProcess, StartProxies
 from tests.redis_fixtures import RedisServer
 from tests.tcp_relay import TcpRelay
-from tests.test_lost_updates import StartProxies, proxies, workload  # noqa: F401  (fixture)
+from tests.test_lost_updates import workload
 
 WARM_ACKS = 150
 """Acknowledged writes before the fault: every connection open, every script loaded."""

@@ -31,9 +31,10 @@ from tests.chaos_rows import long_scenario, report
 from tests.counter_clients import Ledger, audit, read_counter
 from tests.fault_upstream import PREFIX
 from tests.metrics import metric
+from tests.proxy_processes import StartProxies
 from tests.raw_counter_upstream import RawCounterUpstream, RawFault, running_raw_upstream
 from tests.redis_fixtures import RedisServer
-from tests.test_lost_updates import CLIENTS, KEYS, StartProxies, proxies, workload  # noqa: F401  (fixture)
+from tests.test_lost_updates import CLIENTS, KEYS, workload
 
 FAULTS = (RawFault.TRUNCATED, RawFault.BAD_STATUS, RawFault.CONTINUE_SILENT, RawFault.AT_DEADLINE, RawFault.LATE)
 EVERY = 6

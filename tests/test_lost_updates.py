@@ -26,40 +26,15 @@ from tests.chaos_rows import report
 from tests.counter_clients import Ack, Ledger, audit, bypass_until, increment_until, read_counter, write_counter
 from tests.fault_upstream import Applied, Fault, FaultUpstream, running_upstream
 from tests.metrics import metric
-from tests.ports import free_port
 from tests.proxy_fixtures import ProxyHandle
-from tests.proxy_processes import REPO, ProxyProcess, counter_config, start_proxy
+from tests.proxy_processes import REPO, StartProxies
 from tests.redis_fixtures import RedisServer
 
 CLIENTS = 16
 KEYS = ("k0", "k1", "k2", "k3")
 
-StartProxies = Callable[..., Awaitable[list[ProxyProcess]]]
-
-
 def uniform(keys: Sequence[str]) -> Callable[[random.Random], str]:
     return lambda rng: rng.choice(keys)
-
-
-@pytest.fixture
-async def proxies(tmp_path: Path) -> AsyncIterator[StartProxies]:
-    """`await proxies(upstream_url, store_url, n=2, access_log=False, **config)`."""
-    started: list[ProxyProcess] = []
-
-    async def start(upstream: str, store: str, n: int = 2, *, access_log: bool = False, **cfg: str) -> list[ProxyProcess]:
-        texts = [counter_config(upstream, store, admin_port=free_port(), **cfg) for _ in range(n)]
-        results = await asyncio.gather(
-            *(start_proxy(text, tmp_path, access_log=access_log) for text in texts), return_exceptions=True
-        )
-        started.extend(r for r in results if isinstance(r, ProxyProcess))
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return [r for r in results if isinstance(r, ProxyProcess)]
-
-    yield start
-    codes = [await p.stop() for p in started]
-    assert codes == [0] * len(started), [p.stderr[-20:] for p in started]
 
 
 @asynccontextmanager
