@@ -10,6 +10,7 @@ with what the upstream applied; see that module for the exact checks.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -115,15 +116,22 @@ async def test_two_replicas_sixteen_clients_lose_no_update(redis_server: RedisSe
 # -- Redis evicting keys ------------------------------------------------------------
 
 
-async def _sweep(stop: asyncio.Event, bases: Sequence[str], reads: list[int]) -> None:
-    """A reader of ever new resources, through the proxies: every read mints
-    a committed version, so the store fills and evicts."""
-    async with aiohttp.ClientSession() as session:
+async def _sweep(stop: asyncio.Event, bases: Sequence[str], reads: list[int], readers: int = 4) -> None:
+    """Readers of ever new resources, through the proxies: every read mints
+    a committed version, so the store fills and evicts. `reads[0]` counts
+    the reads answered. Several readers at once, so that a slow machine
+    still fills the store while the writers run."""
+    ids = itertools.count()
+
+    async def reader(session: aiohttp.ClientSession) -> None:
         while not stop.is_set():
-            base = bases[reads[0] % len(bases)]
-            async with session.get(f"{base}/counters/fill-{reads[0]}") as resp:
+            i = next(ids)
+            async with session.get(f"{bases[i % len(bases)]}/counters/fill-{i}") as resp:
                 await resp.read()
             reads[0] += 1
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(reader(session) for _ in range(readers)))
 
 
 @pytest.mark.slow
