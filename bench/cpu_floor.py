@@ -416,23 +416,21 @@ def throughput_rows(result: dict[str, Any]) -> list[list[str]]:
 
 
 def latency_rows(result: dict[str, Any]) -> list[list[str]]:
-    """p50 at one connection over the origin's own, µs (median of the rounds)."""
+    """p50 at one connection over the origin's own in the same round, µs
+    (median of the rounds), as the throughput ratios are paired."""
     runs = result.get("latency_runs") or []
     compared = [name for name, _ in result.get("compared", [])]
     cols = [t for t in columns(compared) if any(r["target"] == t for r in runs)]
     rows = [["added p50 at 1 connection, µs", *(TITLES.get(t, t) for t in cols)]]
     for s in SCENARIOS:
-        def p50(t: str) -> float | None:
-            values = [r["p50_us"] for r in runs if r["scenario"] == s and r["target"] == t]
-            return statistics.median(values) if values else None
-
-        direct = p50("direct")
-        if direct is None:
+        direct = {r["round"]: r["p50_us"] for r in runs if r["scenario"] == s and r["target"] == "direct"}
+        if not direct:
             continue
         row = [ROWS[s]]
         for t in cols:
-            v = p50(t)
-            row.append("–" if v is None else f"{v - direct:+.0f}")
+            added = [r["p50_us"] - direct[r["round"]] for r in runs
+                     if r["scenario"] == s and r["target"] == t and r["round"] in direct]
+            row.append(f"{statistics.median(added):+.0f}" if added else "–")
         rows.append(row)
     return rows if len(rows) > 1 else []
 
@@ -618,8 +616,13 @@ def main(argv: list[str] | None = None) -> int:
             compared = [name for name, _ in args.compare]
             cols = (*columns(compared), *(f"layer-{upto}" for upto in layers))
             cells = [(s, n) for s in SCENARIOS for n in cols if n in targets and s in scenarios_of[n]]
-            log(f"cpu_floor: {len(cells)} cells x {args.rounds} rounds of {args.duration} s, "
-                f"about {len(cells) * args.rounds * (args.duration + 0.5) / 60:.1f} min; workdir {workdir}")
+            latency_cells = len([n for n in (*columns(compared), "direct") if n in targets for s in SCENARIOS
+                                 if s in scenarios_of[n]]) if args.latency_duration > 0 else 0
+            minutes = args.rounds * (len(cells) * (args.duration + 0.5)
+                                     + latency_cells * (args.latency_duration + 0.5)) / 60
+            log(f"cpu_floor: {len(cells)} cells x {args.rounds} rounds of {args.duration} s "
+                f"(and {latency_cells} of {args.latency_duration} s at 1 connection), about {minutes:.1f} min; "
+                f"workdir {workdir}")
             for rnd in range(args.rounds):
                 for s in SCENARIOS:
                     names = [n for n in cols if (s, n) in cells]

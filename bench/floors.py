@@ -42,6 +42,7 @@ import gc
 import os
 import signal
 import sys
+import traceback
 from collections import deque
 from email.utils import formatdate
 from http import HTTPStatus
@@ -318,7 +319,10 @@ def pool(args: argparse.Namespace) -> int:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
                 uvloop.run(serve(args))
                 code = 0
+            except BaseException:  # os._exit below would lose it otherwise
+                traceback.print_exc()
             finally:
+                sys.stderr.flush()
                 os._exit(code)
         pids.append(pid)
     # Until told to stop or until a copy dies: either ends the pool.

@@ -26,7 +26,7 @@ import pytest
 from tests.metrics import Sample, scrape
 from tests.ports import free_port
 
-__all__ = ["ProxyProcess", "counter_config", "processes", "start_proxy"]
+__all__ = ["ProxyProcess", "StartProxies", "counter_config", "processes", "proxies", "start_proxy"]
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 20.0
@@ -290,7 +290,9 @@ async def proxies(tmp_path: Path) -> AsyncIterator[StartProxies]:
     upstream and one store; each must exit 0 when the test ends."""
     started: list[ProxyProcess] = []
 
-    async def start(upstream: str, store: str, n: int = 2, *, access_log: bool = False, **cfg: str) -> list[ProxyProcess]:
+    async def start(
+        upstream: str, store: str, n: int = 2, *, access_log: bool = False, **cfg: str
+    ) -> list[ProxyProcess]:
         texts = [counter_config(upstream, store, admin_port=free_port(), **cfg) for _ in range(n)]
         results = await asyncio.gather(
             *(start_proxy(text, tmp_path, access_log=access_log) for text in texts), return_exceptions=True

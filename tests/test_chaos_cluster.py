@@ -241,7 +241,7 @@ async def migrate(
     return asyncio.get_running_loop().time()
 
 
-async def slot_migration_run(tmp_path: Path, proxies: StartProxies, rounds: int) -> None:  # noqa: F811
+async def slot_migration_run(tmp_path: Path, proxies: StartProxies, rounds: int) -> None:
     cluster = RedisClusterGroup(tmp_path / "cluster")
     cluster.start()
     try:
@@ -304,7 +304,7 @@ async def slot_migration_run(tmp_path: Path, proxies: StartProxies, rounds: int)
 @pytest.mark.slow
 @pytest.mark.redis
 @pytest.mark.chaos
-async def test_slot_migration_mid_run_loses_no_update(tmp_path: Path, proxies: StartProxies):  # noqa: F811
+async def test_slot_migration_mid_run_loses_no_update(tmp_path: Path, proxies: StartProxies):
     await slot_migration_run(tmp_path, proxies, rounds=1)
 
 
@@ -312,7 +312,7 @@ async def test_slot_migration_mid_run_loses_no_update(tmp_path: Path, proxies: S
 @pytest.mark.slow
 @pytest.mark.redis
 @pytest.mark.chaos
-async def test_slot_migration_round_the_masters_loses_no_update(tmp_path: Path, proxies: StartProxies):  # noqa: F811
+async def test_slot_migration_round_the_masters_loses_no_update(tmp_path: Path, proxies: StartProxies):
     """The slots go round all three masters, twice."""
     await slot_migration_run(tmp_path, proxies, rounds=6)
 
@@ -334,7 +334,7 @@ def wait_promoted(cluster: RedisClusterGroup, slot: int, dead: str, timeout: flo
     raise AssertionError(f"no replica promoted for slot {slot} within {timeout} s")
 
 
-async def failover_run(tmp_path: Path, proxies: StartProxies, kills: int) -> None:  # noqa: F811
+async def failover_run(tmp_path: Path, proxies: StartProxies, kills: int) -> None:
     cluster = RedisClusterGroup(tmp_path / "cluster", replicas=1, node_timeout_ms=1000)
     cluster.start()
     try:
@@ -394,7 +394,7 @@ async def failover_run(tmp_path: Path, proxies: StartProxies, kills: int) -> Non
 @pytest.mark.slow
 @pytest.mark.redis
 @pytest.mark.chaos
-async def test_master_killed_replica_promoted_mid_run_loses_no_update(tmp_path: Path, proxies: StartProxies):  # noqa: F811
+async def test_master_killed_replica_promoted_mid_run_loses_no_update(tmp_path: Path, proxies: StartProxies):
     await failover_run(tmp_path, proxies, kills=1)
 
 
@@ -402,6 +402,6 @@ async def test_master_killed_replica_promoted_mid_run_loses_no_update(tmp_path: 
 @pytest.mark.slow
 @pytest.mark.redis
 @pytest.mark.chaos
-async def test_repeated_master_failovers_lose_no_update(tmp_path: Path, proxies: StartProxies):  # noqa: F811
+async def test_repeated_master_failovers_lose_no_update(tmp_path: Path, proxies: StartProxies):
     """Kill, promote, bring the old master back as a replica; three times."""
     await failover_run(tmp_path, proxies, kills=3)

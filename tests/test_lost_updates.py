@@ -34,6 +34,7 @@ from tests.redis_fixtures import RedisServer
 CLIENTS = 16
 KEYS = ("k0", "k1", "k2", "k3")
 
+
 def uniform(keys: Sequence[str]) -> Callable[[random.Random], str]:
     return lambda rng: rng.choice(keys)
 
@@ -130,8 +131,9 @@ async def _sweep(stop: asyncio.Event, bases: Sequence[str], reads: list[int], re
                 await resp.read()
             reads[0] += 1
 
-    async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(reader(session) for _ in range(readers)))
+    async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as group:
+        for _ in range(readers):
+            group.create_task(reader(session))
 
 
 @pytest.mark.slow
