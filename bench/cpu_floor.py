@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import operator
 import os
 import shutil
 import signal
@@ -50,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -394,25 +396,33 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _paired_rows(runs: list[dict[str, Any]], cols: list[str], head: str, base: str, key: str,
+                 against: Callable[[float, float], float], fmt: Callable[[float], str]) -> list[list[str]]:
+    """Per scenario and target: `against(value, base's value)` of `key` in
+    each round, paired with the `base` target's run of the same round; the
+    median of the rounds, formatted with `fmt`."""
+    rows = [[head, *(TITLES.get(t, t) for t in cols)]]
+    for s in SCENARIOS:
+        of_base = {r["round"]: r[key] for r in runs if r["scenario"] == s and r["target"] == base}
+        if not of_base:
+            continue
+        row = [ROWS[s]]
+        for t in cols:
+            paired = [against(r[key], of_base[r["round"]]) for r in runs
+                      if r["scenario"] == s and r["target"] == t and of_base.get(r["round"])]
+            row.append(fmt(statistics.median(paired)) if paired else "–")
+        rows.append(row)
+    return rows if len(rows) > 1 else []
+
+
 def throughput_rows(result: dict[str, Any]) -> list[list[str]]:
     """Each target's req/s over nginx's in the same round (median of the
     rounds): the throughput ratios of the targets, measured rather than
     predicted from CPU."""
-    runs = result["runs"]
     compared = [name for name, _ in result.get("compared", [])]
     cols = [t for t in columns(compared) if t != "nginx"]
-    rows = [["req/s ÷ nginx's", *(TITLES.get(t, t) for t in cols)]]
-    for s in SCENARIOS:
-        base = {r["round"]: r["rps"] for r in runs if r["scenario"] == s and r["target"] == "nginx"}
-        if not base:
-            continue
-        row = [ROWS[s]]
-        for t in cols:
-            ratios = [r["rps"] / base[r["round"]] for r in runs
-                      if r["scenario"] == s and r["target"] == t and base.get(r["round"])]
-            row.append(f"{statistics.median(ratios):.2f}x" if ratios else "–")
-        rows.append(row)
-    return rows if len(rows) > 1 else []
+    return _paired_rows(result["runs"], cols, "req/s ÷ nginx's", "nginx", "rps", operator.truediv,
+                        lambda v: f"{v:.2f}x")
 
 
 def latency_rows(result: dict[str, Any]) -> list[list[str]]:
@@ -421,18 +431,8 @@ def latency_rows(result: dict[str, Any]) -> list[list[str]]:
     runs = result.get("latency_runs") or []
     compared = [name for name, _ in result.get("compared", [])]
     cols = [t for t in columns(compared) if any(r["target"] == t for r in runs)]
-    rows = [["added p50 at 1 connection, µs", *(TITLES.get(t, t) for t in cols)]]
-    for s in SCENARIOS:
-        direct = {r["round"]: r["p50_us"] for r in runs if r["scenario"] == s and r["target"] == "direct"}
-        if not direct:
-            continue
-        row = [ROWS[s]]
-        for t in cols:
-            added = [r["p50_us"] - direct[r["round"]] for r in runs
-                     if r["scenario"] == s and r["target"] == t and r["round"] in direct]
-            row.append(f"{statistics.median(added):+.0f}" if added else "–")
-        rows.append(row)
-    return rows if len(rows) > 1 else []
+    return _paired_rows(runs, cols, "added p50 at 1 connection, µs", "direct", "p50_us", operator.sub,
+                        lambda v: f"{v:+.0f}")
 
 
 def layer_rows(result: dict[str, Any]) -> list[list[str]]:
